@@ -1,0 +1,156 @@
+// CPU kernel of the fused curvature mask (docs/ops/curvature_mask.md).
+// OpenMP over fixed-size chunks of all parameters; inside a chunk, tiles of
+// kTile elements: one vectorisable pass for the update and the norms, then a
+// scalar pass that bins the tile's |D| into four interleaved histograms.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <array>
+#include <vector>
+
+#include "curvature_mask.h"
+
+namespace modalimmune {
+namespace {
+
+constexpr int64_t kChunk = 1 << 16;
+constexpr int64_t kTile = 512;
+
+struct Partial {
+  int64_t masked = 0;
+  double destr_sq = 0.0;
+  double kept_sq = 0.0;
+  std::array<int64_t, kHistBins> hist{};
+};
+
+struct Job {
+  int tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+template <typename grad_t, bool kProbe, bool kSoft>
+void mask_range(grad_t* __restrict__ gc, const grad_t* __restrict__ gd, float* __restrict__ d,
+                const float* __restrict__ probe, int64_t n, float beta, float tau, Partial& acc) {
+  const float one_minus_beta = 1.f - beta;
+  uint32_t bits[kTile];
+  int64_t sub_hist[4][kHistBins] = {};
+  for (int64_t start = 0; start < n; start += kTile) {
+    const int64_t len = std::min(kTile, n - start);
+    int masked = 0;
+    float destr_sq = 0.f, kept_sq = 0.f;
+#pragma omp simd reduction(+ : masked, destr_sq, kept_sq)
+    for (int64_t i = 0; i < len; ++i) {
+      const int64_t j = start + i;
+      float dj = d[j];
+      if constexpr (kProbe) {
+        dj = beta * dj + one_minus_beta * probe[j];
+        d[j] = dj;
+      }
+      const float c = static_cast<float>(gc[j]);
+      const float g = static_cast<float>(gd[j]);
+      const float abs_d = std::fabs(dj);
+      const float m = mask_value(c, g, abs_d, tau, kSoft);
+      const float kept = m * g;
+      gc[j] = static_cast<grad_t>(c + kept);
+      masked += m < 1.f;
+      destr_sq += g * g;
+      kept_sq += kept * kept;
+      uint32_t b;
+      std::memcpy(&b, &abs_d, sizeof(b));
+      bits[i] = b;
+    }
+    for (int64_t i = 0; i < len; ++i) ++sub_hist[i & 3][hist_bin_from_bits(bits[i])];
+    acc.masked += masked;
+    acc.destr_sq += destr_sq;
+    acc.kept_sq += kept_sq;
+  }
+  for (int b = 0; b < kHistBins; ++b)
+    acc.hist[b] += sub_hist[0][b] + sub_hist[1][b] + sub_hist[2][b] + sub_hist[3][b];
+}
+
+template <typename grad_t>
+void mask_job(const Job& job, at::TensorList gc, at::TensorList gd, at::TensorList d,
+              const c10::optional<at::TensorList>& probe, float beta, float tau, bool soft,
+              Partial& acc) {
+  const int t = job.tensor;
+  grad_t* gc_p = gc[t].data_ptr<grad_t>() + job.begin;
+  const grad_t* gd_p = gd[t].data_ptr<grad_t>() + job.begin;
+  float* d_p = d[t].data_ptr<float>() + job.begin;
+  const int64_t n = job.end - job.begin;
+  if (probe.has_value()) {
+    const float* p_p = (*probe)[t].data_ptr<float>() + job.begin;
+    soft ? mask_range<grad_t, true, true>(gc_p, gd_p, d_p, p_p, n, beta, tau, acc)
+         : mask_range<grad_t, true, false>(gc_p, gd_p, d_p, p_p, n, beta, tau, acc);
+  } else {
+    soft ? mask_range<grad_t, false, true>(gc_p, gd_p, d_p, nullptr, n, beta, tau, acc)
+         : mask_range<grad_t, false, false>(gc_p, gd_p, d_p, nullptr, n, beta, tau, acc);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> curvature_mask_cpu(at::TensorList grads_clean,
+                                                      at::TensorList grads_destr,
+                                                      at::TensorList curvature,
+                                                      c10::optional<at::TensorList> probe,
+                                                      double beta, double tau, bool soft) {
+  const size_t count = grads_clean.size();
+  TORCH_CHECK(grads_destr.size() == count && curvature.size() == count &&
+                  (!probe.has_value() || probe->size() == count),
+              "curvature_mask: tensor lists differ in length");
+  std::vector<Job> jobs;
+  for (size_t t = 0; t < count; ++t) {
+    const int64_t n = grads_clean[t].numel();
+    TORCH_CHECK(grads_clean[t].is_contiguous() && grads_destr[t].is_contiguous() &&
+                    curvature[t].is_contiguous() && grads_destr[t].numel() == n &&
+                    curvature[t].numel() == n &&
+                    grads_destr[t].scalar_type() == grads_clean[t].scalar_type() &&
+                    curvature[t].scalar_type() == at::kFloat,
+                "curvature_mask: parameter ", t, " has mismatched or non-contiguous tensors");
+    if (probe.has_value())
+      TORCH_CHECK((*probe)[t].is_contiguous() && (*probe)[t].numel() == n &&
+                      (*probe)[t].scalar_type() == at::kFloat,
+                  "curvature_mask: probe ", t, " must be a contiguous float32 tensor like curvature");
+    for (int64_t begin = 0; begin < n; begin += kChunk)
+      jobs.push_back({static_cast<int>(t), begin, std::min(n, begin + kChunk)});
+  }
+
+  Partial total;
+  const float beta_f = static_cast<float>(beta), tau_f = static_cast<float>(tau);
+#pragma omp parallel
+  {
+    Partial mine;
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t j = 0; j < static_cast<int64_t>(jobs.size()); ++j) {
+      const Job& job = jobs[j];
+      AT_DISPATCH_FLOATING_TYPES_AND2(
+          at::kBFloat16, at::kHalf, grads_clean[job.tensor].scalar_type(), "curvature_mask_cpu",
+          [&] { mask_job<scalar_t>(job, grads_clean, grads_destr, curvature, probe, beta_f, tau_f, soft, mine); });
+    }
+#pragma omp critical
+    {
+      total.masked += mine.masked;
+      total.destr_sq += mine.destr_sq;
+      total.kept_sq += mine.kept_sq;
+      for (int b = 0; b < kHistBins; ++b) total.hist[b] += mine.hist[b];
+    }
+  }
+
+  at::Tensor stats = at::empty({3}, at::kDouble);
+  double* s = stats.data_ptr<double>();
+  s[0] = static_cast<double>(total.masked);
+  s[1] = total.destr_sq;
+  s[2] = total.kept_sq;
+  at::Tensor hist = at::empty({kHistBins}, at::kLong);
+  std::copy(total.hist.begin(), total.hist.end(), hist.data_ptr<int64_t>());
+  return {stats, hist};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(modalimmune, CPU, m) { m.impl("curvature_mask", &curvature_mask_cpu); }
+
+}  // namespace modalimmune

@@ -1,0 +1,39 @@
+// Schemas of every modalimmune op, one block per op. Kernels live in
+// csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; fake kernels in modalimmune/ops/<op>.py.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(modalimmune, m) {
+  // curvature_mask: docs/ops/curvature_mask.md. Returns (stats, hist):
+  // stats = float64[3] (masked count, sum g_d^2, sum (M*g_d)^2), hist = int64[256].
+  m.def(
+      "curvature_mask(Tensor(a!)[] grads_clean, Tensor[] grads_destr, Tensor(b!)[] curvature, "
+      "Tensor[]? probe, float beta, float tau, bool soft) -> (Tensor, Tensor)");
+}
+
+#ifdef MODALIMMUNE_WITH_CUDA
+#include <cuda_runtime_api.h>
+constexpr bool kCudaBuilt = true;
+constexpr int kCudaVersion = CUDART_VERSION;
+#else
+constexpr int kCudaVersion = 0;
+constexpr bool kCudaBuilt = false;
+#endif
+
+PYBIND11_MODULE(_C, module) {
+  module.attr("cuda_built") = kCudaBuilt;
+  module.attr("cuda_version") = kCudaVersion;  // CUDART_VERSION compiled against, 0 without CUDA
+  module.attr("torch_version") = MODALIMMUNE_TORCH_VERSION;
+#if defined(__clang__)
+  module.attr("compiler") = "clang " __clang_version__;
+#elif defined(__GNUC__)
+  module.attr("compiler") = "gcc " __VERSION__;
+#else
+  module.attr("compiler") = "unknown";
+#endif
+#ifdef _OPENMP
+  module.attr("openmp") = _OPENMP;
+#else
+  module.attr("openmp") = 0;
+#endif
+}

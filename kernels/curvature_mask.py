@@ -1,0 +1,115 @@
+"""Triton kernel of the fused curvature mask (docs/ops/curvature_mask.md).
+
+Multi-tensor: one launch per gradient dtype covers every parameter. A packed
+int64 table (one host-to-device copy) holds, per parameter, the addresses of
+g_c, g_d, D and the probe and its length, and, per program, the parameter and
+the first element of its chunk. Each program reads its addresses from the
+table and casts them to typed pointers.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+HIST_BINS = 256
+HIST_MIN_EXP = -40
+HIST_OFFSET = (127 + HIST_MIN_EXP) << 2
+CHUNK = 1 << 16
+BLOCK = 4096
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _curvature_mask_kernel(
+    table_ptr, num_tensors, partial_ptr, hist_ptr, beta, tau,
+    GRAD_DTYPE: tl.constexpr, HAS_PROBE: tl.constexpr, SOFT: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, HIST_BINS: tl.constexpr, HIST_OFFSET: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    chunks_base = table_ptr + 5 * num_tensors
+    t = tl.load(chunks_base + 2 * pid)
+    start = tl.load(chunks_base + 2 * pid + 1)
+    n = tl.load(table_ptr + 4 * num_tensors + t)
+    gc_ptr = tl.load(table_ptr + 4 * t).to(tl.pointer_type(GRAD_DTYPE))
+    gd_ptr = tl.load(table_ptr + 4 * t + 1).to(tl.pointer_type(GRAD_DTYPE))
+    d_ptr = tl.load(table_ptr + 4 * t + 2).to(tl.pointer_type(tl.float32))
+    probe_ptr = tl.load(table_ptr + 4 * t + 3).to(tl.pointer_type(tl.float32))
+
+    masked = tl.zeros([BLOCK], tl.float32)
+    destr_sq = tl.zeros([BLOCK], tl.float32)
+    kept_sq = tl.zeros([BLOCK], tl.float32)
+    hist = tl.zeros([HIST_BINS], tl.int32)
+    invalid = 0
+    length = tl.minimum(n - start, CHUNK)
+    for offset in range(0, length, BLOCK):
+        idx = start + offset + tl.arange(0, BLOCK)
+        valid = idx < start + length
+        gc = tl.load(gc_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+        gd = tl.load(gd_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+        d = tl.load(d_ptr + idx, mask=valid, other=0.0)
+        if HAS_PROBE:
+            probe = tl.load(probe_ptr + idx, mask=valid, other=0.0)
+            d = beta * d + (1.0 - beta) * probe
+            tl.store(d_ptr + idx, d, mask=valid)
+        abs_d = tl.abs(d)
+        # agree or flat (a zero counts as agreement), decided on signs
+        agree = (gc == 0.0) | (gd == 0.0) | ((gc > 0.0) == (gd > 0.0))
+        keep = agree | (abs_d <= tau)
+        if SOFT:
+            m = tl.where(keep, 1.0, tau / tl.where(keep, 1.0, abs_d))  # |D| > tau >= 0 where blocked
+        else:
+            m = tl.where(keep, 1.0, 0.0)
+        kept = m * gd
+        tl.store(gc_ptr + idx, (gc + kept).to(GRAD_DTYPE), mask=valid)
+        masked += tl.where(valid & (m < 1.0), 1.0, 0.0)
+        destr_sq += gd * gd
+        kept_sq += kept * kept
+        bins = (abs_d.to(tl.int32, bitcast=True) >> 21) - HIST_OFFSET
+        bins = tl.minimum(tl.maximum(bins, 0), HIST_BINS - 1)
+        hist += tl.histogram(tl.where(valid, bins, 0), HIST_BINS)
+        invalid += BLOCK - tl.sum(valid.to(tl.int32))
+    # padding lanes were binned to 0: take them back out
+    hist -= tl.where(tl.arange(0, HIST_BINS) == 0, invalid, 0)
+    tl.store(partial_ptr + 3 * pid, tl.sum(masked))
+    tl.store(partial_ptr + 3 * pid + 1, tl.sum(destr_sq))
+    tl.store(partial_ptr + 3 * pid + 2, tl.sum(kept_sq))
+    tl.atomic_add(hist_ptr + tl.arange(0, HIST_BINS), hist.to(tl.int64))
+
+
+def _table(grads_clean, grads_destr, curvature, probe):
+    """Packed int64 table: [addresses (T x 4) | numel (T) | (tensor, start) per chunk]."""
+    addresses, numel, chunks = [], [], []
+    for t, (gc, gd, d) in enumerate(zip(grads_clean, grads_destr, curvature)):
+        p = probe[t] if probe is not None else d
+        addresses += [gc.data_ptr(), gd.data_ptr(), d.data_ptr(), p.data_ptr()]
+        numel.append(gc.numel())
+        for start in range(0, gc.numel(), CHUNK):
+            chunks += [t, start]
+    table = torch.tensor(addresses + numel + chunks, dtype=torch.int64)
+    return table.to(grads_clean[0].device, non_blocking=True), len(chunks) // 2
+
+
+def curvature_mask(grads_clean, grads_destr, curvature, probe, beta, tau, soft):
+    """Runs the kernel in place; returns (stats float64[3], hist int64[256])."""
+    device = grads_clean[0].device
+    stats = torch.zeros(3, dtype=torch.float64, device=device)
+    hist = torch.zeros(HIST_BINS, dtype=torch.int64, device=device)
+    groups = {}
+    for t, gc in enumerate(grads_clean):
+        groups.setdefault(gc.dtype, []).append(t)
+    for dtype, members in groups.items():
+        pick = lambda tensors: [tensors[t] for t in members]  # noqa: E731
+        table, programs = _table(pick(grads_clean), pick(grads_destr), pick(curvature),
+                                 pick(probe) if probe is not None else None)
+        if programs == 0:
+            continue
+        partial = torch.empty(programs, 3, dtype=torch.float32, device=device)
+        _curvature_mask_kernel[(programs,)](
+            table, len(members), partial, hist, beta, tau,
+            GRAD_DTYPE=_TL_DTYPES[dtype], HAS_PROBE=probe is not None, SOFT=soft,
+            CHUNK=CHUNK, BLOCK=BLOCK, HIST_BINS=HIST_BINS, HIST_OFFSET=HIST_OFFSET,
+            num_warps=8,
+        )
+        stats += partial.sum(0, dtype=torch.float64)
+    return stats, hist

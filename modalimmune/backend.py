@@ -1,0 +1,95 @@
+"""Backend availability and selection (docs/backends.md).
+
+Every op has four implementations: ``torch`` (the pure-PyTorch reference, always
+available), ``cpp`` (C++ with OpenMP, CPU tensors), ``cuda`` (CUDA, GPU tensors),
+``triton`` (GPU tensors; CPU tensors too under ``TRITON_INTERPRET=1``).
+"""
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from . import _extension
+
+BACKENDS = ("torch", "cpp", "cuda", "triton")
+
+
+def triton_interpreted():
+    """True when Triton kernels run on the CPU through the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_missing():
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install triton)"
+    return None
+
+
+def unavailable_reason(backend, device=None):
+    """Why ``backend`` cannot run on ``device`` (None: it can).
+
+    With ``device=None`` the question is whether the backend is usable at all
+    on this machine.
+    """
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; expected 'auto' or one of {', '.join(BACKENDS)}"
+    device = torch.device(device) if device is not None else None
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if _triton_missing():
+            return _triton_missing()
+        on_gpu = torch.cuda.is_available()
+        if device is None:
+            return None if on_gpu or triton_interpreted() else "no GPU visible and TRITON_INTERPRET is not 1"
+        if device.type == "cuda":
+            return None if on_gpu else "no GPU visible"
+        if device.type == "cpu":
+            return None if triton_interpreted() else "CPU tensors need TRITON_INTERPRET=1 for Triton"
+        return f"Triton does not run on {device.type} tensors"
+    module = _extension.load()
+    if module is None:
+        return _extension.reason()
+    if backend == "cpp":
+        if device is not None and device.type != "cpu":
+            return f"the cpp backend runs on CPU tensors, got {device.type} tensors"
+        return None
+    # cuda
+    if not module.cuda_built:
+        return "modalimmune._C was built without CUDA (no CUDA torch or no nvcc at build time)"
+    if not torch.cuda.is_available():
+        return "no GPU visible"
+    if device is not None and device.type != "cuda":
+        return f"the cuda backend runs on CUDA tensors, got {device.type} tensors"
+    return None
+
+
+def backends():
+    """``{"torch": True, "cpp": bool, "cuda": bool, "triton": bool}``: usable on this machine."""
+    return {name: unavailable_reason(name) is None for name in BACKENDS}
+
+
+def resolve(backend, device):
+    """The concrete backend for an op on tensors of ``device``.
+
+    ``"auto"`` picks the fastest usable one: ``cuda``, then ``triton``, for GPU
+    tensors; ``cpp`` for CPU tensors (the Triton interpreter is never chosen by
+    itself); ``torch`` otherwise. An explicit backend that cannot serve raises
+    ``RuntimeError`` saying why.
+    """
+    device = torch.device(device)
+    if backend == "auto":
+        order = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
+        for name in order:
+            if unavailable_reason(name, device) is None:
+                return name
+        return "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected 'auto' or one of {', '.join(BACKENDS)}, got {backend!r}")
+    why = unavailable_reason(backend, device)
+    if why is not None:
+        raise RuntimeError(f"backend={backend!r} cannot run here: {why}")
+    return backend
