@@ -12,7 +12,7 @@ DATA_DEPS :=
 
 .PHONY: install ext test test-triton run bench clean
 
-install: $(VENV)/.deps-stamp .stamp-ext
+install: $(VENV)/.deps-stamp build/.stamp-ext
 
 $(VENV)/.deps-stamp: Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,12 +21,18 @@ $(VENV)/.deps-stamp: Makefile
 	$(if $(strip $(DATA_DEPS)),$(PY) -m pip install -q --no-deps $(DATA_DEPS))
 	touch $@
 
-# the extension, built in place (the lock lets parallel builds of one tree queue up)
-.stamp-ext: $(VENV)/.deps-stamp $(EXT_SOURCES)
-	flock .build.lock $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+# the package registered in editable mode (console script, kernels/ -> modalimmune.kernels)
+$(VENV)/.editable-stamp: $(VENV)/.deps-stamp setup.py pyproject.toml
+	MODALIMMUNE_BUILD_EXT=0 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
-ext: .stamp-ext
+# the extension, built in place and incrementally under build/ (the lock queues parallel builds)
+build/.stamp-ext: $(VENV)/.editable-stamp $(EXT_SOURCES)
+	mkdir -p build
+	flock build/.lock $(PY) setup.py -q build_ext --inplace
+	touch $@
+
+ext: build/.stamp-ext
 
 test: install
 	$(PY) -m pytest -q tests
@@ -36,4 +42,4 @@ run: install
 	$(PY) bench/bench_curvature_mask.py
 
 clean:
-	rm -rf build *.egg-info modalimmune/_C*.so .stamp-ext
+	rm -rf build *.egg-info modalimmune/_C*.so

@@ -9,6 +9,9 @@ installed torch is a CUDA build and nvcc is found, also without a visible GPU
 - ``TORCH_CUDA_ARCH_LIST``: honoured; defaults to ``8.0;9.0a`` when no GPU is visible.
 - ``MAX_JOBS``: parallel compile jobs (read by torch's build extension).
 - ``MODALIMMUNE_PORTABLE=1``: no ``-march=native`` on the C++ sources.
+- ``MODALIMMUNE_BUILD_EXT=0``: no extension (the Makefile registers the editable
+  package this way, then builds the extension in place and incrementally with
+  ``setup.py build_ext --inplace``).
 """
 
 import glob
@@ -99,7 +102,7 @@ setup(
     description="Fused kernels and a trainer for multimodal models that survive missing modalities",
     packages=find_packages(include=["modalimmune", "modalimmune.*"]) + ["modalimmune.kernels"],
     package_dir={"modalimmune.kernels": "kernels"},
-    ext_modules=[_extension()],
+    ext_modules=[_extension()] if os.environ.get("MODALIMMUNE_BUILD_EXT", "1") != "0" else [],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["modalimmune = modalimmune.cli:main"]},
     python_requires=">=3.10",

@@ -22,7 +22,7 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 
 @triton.jit
 def _curvature_mask_kernel(
-    table_ptr, num_tensors, partial_ptr, hist_ptr, beta, tau,
+    table_ptr, num_tensors, partial_ptr, hist_ptr, beta, one_minus_beta, tau,
     GRAD_DTYPE: tl.constexpr, HAS_PROBE: tl.constexpr, SOFT: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, HIST_BINS: tl.constexpr, HIST_OFFSET: tl.constexpr,
 ):
@@ -50,7 +50,7 @@ def _curvature_mask_kernel(
         d = tl.load(d_ptr + idx, mask=valid, other=0.0)
         if HAS_PROBE:
             probe = tl.load(probe_ptr + idx, mask=valid, other=0.0)
-            d = beta * d + (1.0 - beta) * probe
+            d = beta * d + one_minus_beta * probe
             tl.store(d_ptr + idx, d, mask=valid)
         abs_d = tl.abs(d)
         # agree or flat (a zero counts as agreement), decided on signs
@@ -106,7 +106,7 @@ def curvature_mask(grads_clean, grads_destr, curvature, probe, beta, tau, soft):
             continue
         partial = torch.empty(programs, 3, dtype=torch.float32, device=device)
         _curvature_mask_kernel[(programs,)](
-            table, len(members), partial, hist, beta, tau,
+            table, len(members), partial, hist, beta, 1.0 - beta, tau,
             GRAD_DTYPE=_TL_DTYPES[dtype], HAS_PROBE=probe is not None, SOFT=soft,
             CHUNK=CHUNK, BLOCK=BLOCK, HIST_BINS=HIST_BINS, HIST_OFFSET=HIST_OFFSET,
             num_warps=8,

@@ -34,7 +34,8 @@ __device__ __forceinline__ float warp_sum(float x) {
 
 template <typename grad_t, bool kProbe, bool kSoft>
 __global__ void __launch_bounds__(kThreads)
-    curvature_mask_kernel(const __grid_constant__ TensorTable<4> table, float beta, float tau,
+    curvature_mask_kernel(const __grid_constant__ TensorTable<4> table, float beta,
+                          float one_minus_beta, float tau,
                           double* __restrict__ stats, unsigned long long* __restrict__ hist) {
   __shared__ unsigned int s_hist[kHistBins];
   __shared__ float s_partial[3][kThreads / 32];
@@ -48,7 +49,6 @@ __global__ void __launch_bounds__(kThreads)
   const grad_t* gd = static_cast<const grad_t*>(table.addresses[1][t]);
   float* d = static_cast<float*>(table.addresses[2][t]);
   const float* probe = static_cast<const float*>(table.addresses[3][t]);
-  const float one_minus_beta = 1.f - beta;
 
   float masked = 0.f, destr_sq = 0.f, kept_sq = 0.f;
   auto update = [&](grad_t& c_io, grad_t g_in, float& d_io, float p) {
@@ -112,8 +112,10 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename grad_t>
-void launch_group(const std::vector<std::vector<at::Tensor>>& lists, bool with_probe, float beta,
+void launch_group(const std::vector<std::vector<at::Tensor>>& lists, bool with_probe, double beta,
                   float tau, bool soft, at::Tensor& stats, at::Tensor& hist) {
+  // 1 - beta is rounded from double: computing it from float(beta) would cost ~10 ulp
+  const float beta_f = static_cast<float>(beta), one_minus_beta = static_cast<float>(1.0 - beta);
   auto stream = at::cuda::getCurrentCUDAStream();
   double* stats_p = stats.data_ptr<double>();
   auto* hist_p = reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>());
@@ -122,7 +124,7 @@ void launch_group(const std::vector<std::vector<at::Tensor>>& lists, bool with_p
                                      : curvature_mask_kernel<grad_t, true, false>)
                              : (soft ? curvature_mask_kernel<grad_t, false, true>
                                      : curvature_mask_kernel<grad_t, false, false>);
-    kernel<<<blocks, kThreads, 0, stream>>>(table, beta, tau, stats_p, hist_p);
+    kernel<<<blocks, kThreads, 0, stream>>>(table, beta_f, one_minus_beta, tau, stats_p, hist_p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -169,8 +171,8 @@ std::tuple<at::Tensor, at::Tensor> curvature_mask_cuda(at::TensorList grads_clea
   at::Tensor hist = at::zeros({kHistBins}, grads_clean[0].options().dtype(at::kLong));
   for (auto& [dtype, lists] : groups) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "curvature_mask_cuda", [&] {
-      launch_group<scalar_t>(lists, probe.has_value(), static_cast<float>(beta),
-                             static_cast<float>(tau), soft, stats, hist);
+      launch_group<scalar_t>(lists, probe.has_value(), beta, static_cast<float>(tau), soft, stats,
+                             hist);
     });
   }
   return {stats, hist};

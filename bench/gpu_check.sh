@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One prepared check for an H100/H200 machine with torch, Triton, nvcc and ninja
+# (no network): builds the extension in place, runs the CUDA and Triton tests,
+# the CUDA tests once more under compute-sanitizer memcheck, and every
+# benchmark on the GPU; prints a short table last. Full logs and the result
+# tables go to $OUT (when set) as gpu_check.tar.gz. Budget: well under 8 minutes.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$(mktemp -d)}
+LOGS=$(mktemp -d)
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} MODALIMMUNE_CUDA=1
+unset TRITON_INTERPRET
+PY=${PYTHON:-python3}
+SUMMARY=()
+
+step() {  # step NAME SECONDS COMMAND...: runs with a time limit, logs to $LOGS/NAME.log
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
+  local rc=$?
+  local verdict=ok; [ $rc -eq 0 ] || verdict="FAILED rc=$rc"; [ $rc -eq 124 ] && verdict="TIMEOUT ${limit}s"
+  SUMMARY+=("$(printf '%-28s %-16s %4ds' "$name" "$verdict" $((SECONDS - start)))")
+  tail -n 3 "$LOGS/$name.log"
+  return $rc
+}
+
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >"$LOGS/nvidia-smi.log" 2>&1
+step build 240 $PY -m pip install --no-build-isolation --no-deps -e . || { printf '%s\n' "${SUMMARY[@]}"; exit 1; }
+step info 60 $PY -m modalimmune info
+cat "$LOGS/info.log"
+step tests-cuda-triton 150 $PY -m pytest -q -m "cuda or triton" tests -p no:cacheprovider
+if command -v compute-sanitizer >/dev/null; then
+  step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
+    $PY -m pytest -q -x -m cuda tests -k "not slow" -p no:cacheprovider
+else
+  SUMMARY+=("memcheck                     SKIPPED (no compute-sanitizer)")
+fi
+for bench in bench/bench_*.py; do
+  name=$(basename "$bench" .py)
+  step "$name" 90 $PY "$bench" --device cuda --quick --out "$LOGS/${name}_cuda.md"
+done
+
+mkdir -p "$OUT"
+tar -czf "$OUT/gpu_check.tar.gz" -C "$LOGS" .
+echo
+echo "== results (tables in gpu_check.tar.gz) =="
+for table in "$LOGS"/*_cuda.md; do [ -f "$table" ] && grep -E '^\|' "$table" | head -12; done
+echo
+echo "== gpu_check summary =="
+head -2 "$LOGS/nvidia-smi.log" | tail -1
+printf '%s\n' "${SUMMARY[@]}"

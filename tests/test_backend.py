@@ -1,0 +1,102 @@
+"""Backend availability, selection, the guarded extension load and `modalimmune info`."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import modalimmune
+from modalimmune import backend, ops
+
+
+def run_python(code, env=None):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_backends_dict():
+    available = modalimmune.backends()
+    assert set(available) == {"torch", "cpp", "cuda", "triton"}
+    assert available["torch"] is True
+    assert available["cuda"] == (backend.unavailable_reason("cuda") is None)
+
+
+def test_auto_picks_fastest_usable():
+    expected = "cpp" if modalimmune.backends()["cpp"] else "torch"
+    assert backend.resolve("auto", "cpu") == expected
+    if torch.cuda.is_available():
+        assert backend.resolve("auto", "cuda") in ("cuda", "triton")
+
+
+def test_explicit_backend_errors_say_why():
+    with pytest.raises(RuntimeError, match="backend='cuda'.*(GPU|CUDA|built)"):
+        backend.resolve("cuda", "cpu")
+    with pytest.raises(ValueError, match="backend"):
+        backend.resolve("opencl", "cpu")
+
+
+def test_triton_on_cpu_needs_the_interpreter():
+    code = ("import modalimmune.backend as b; print(b.unavailable_reason('triton', 'cpu'))")
+    out = run_python(code, {"TRITON_INTERPRET": "0"}).stdout
+    if "not installed" not in out:
+        assert "TRITON_INTERPRET=1" in out
+
+
+def test_missing_extension_warns_once_and_torch_serves():
+    code = """
+import importlib.abc, sys, warnings
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "modalimmune._C":
+            raise ImportError("simulated: no compiled extension")
+sys.meta_path.insert(0, Block())
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import modalimmune, torch
+    from modalimmune import ops
+    g = [torch.randn(5)]; d = [torch.zeros(5)]
+    stats = ops.curvature_mask_(g, [torch.randn(5)], d, tau=1.0)
+print(len([w for w in caught if "modalimmune._C" in str(w.message)]), modalimmune.backends()["cpp"])
+try:
+    ops.curvature_mask_(g, [torch.randn(5)], d, tau=1.0, backend="cpp")
+except RuntimeError as error:
+    print("error:", error)
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "1 False"
+    assert "simulated: no compiled extension" in lines[1] and "backend='cpp'" in lines[1]
+
+
+def test_extension_built_for_another_torch_is_refused():
+    code = """
+import warnings, torch
+torch.__version__ = "0.0.1-other"
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import modalimmune
+print(modalimmune.backends()["cpp"], any("built for torch" in str(w.message) for w in caught))
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True"]
+
+
+@pytest.mark.skipif(os.environ.get("MODALIMMUNE_CUDA") != "1", reason="only where the build was asked to include CUDA")
+def test_cuda_part_was_built():
+    from modalimmune import _C
+
+    assert _C.cuda_built and _C.cuda_version > 0
+
+
+def test_info_command_lists_versions_and_backends():
+    result = subprocess.run([sys.executable, "-m", "modalimmune", "info"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for word in ("torch", "triton", "extension", "cpp", "cuda", "GPU"):
+        assert word in result.stdout
+    for name, usable in modalimmune.backends().items():
+        line = next(l for l in result.stdout.splitlines() if l.strip().startswith(name + " "))
+        assert ("unusable:" not in line) == usable
