@@ -76,7 +76,8 @@ def _wheel_cuda_includes():
 def _extension():
     with_cuda = _want_cuda()
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp", f'-DMODALIMMUNE_TORCH_VERSION="{torch.__version__}"']
+    # -fno-trapping-math lets GCC turn the kernels' selects into vector blends
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math", f'-DMODALIMMUNE_TORCH_VERSION="{torch.__version__}"']
     if os.environ.get("MODALIMMUNE_PORTABLE") != "1":
         cxx.append("-march=native")
     kwargs = dict(
