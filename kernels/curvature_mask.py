@@ -40,7 +40,6 @@ def _curvature_mask_kernel(
     destr_sq = tl.zeros([BLOCK], tl.float32)
     kept_sq = tl.zeros([BLOCK], tl.float32)
     hist = tl.zeros([HIST_BINS], tl.int32)
-    invalid = 0
     length = tl.minimum(n - start, CHUNK)
     for offset in range(0, length, BLOCK):
         idx = start + offset + tl.arange(0, BLOCK)
@@ -68,9 +67,9 @@ def _curvature_mask_kernel(
         bins = (abs_d.to(tl.int32, bitcast=True) >> 21) - HIST_OFFSET
         bins = tl.minimum(tl.maximum(bins, 0), HIST_BINS - 1)
         hist += tl.histogram(tl.where(valid, bins, 0), HIST_BINS)
-        invalid += BLOCK - tl.sum(valid.to(tl.int32))
-    # padding lanes were binned to 0: take them back out
-    hist -= tl.where(tl.arange(0, HIST_BINS) == 0, invalid, 0)
+    # the padding lanes of the last block were binned to 0: take them back out
+    padding = tl.cdiv(length, BLOCK) * BLOCK - length
+    hist -= tl.where(tl.arange(0, HIST_BINS) == 0, padding, 0)
     tl.store(partial_ptr + 3 * pid, tl.sum(masked))
     tl.store(partial_ptr + 3 * pid + 1, tl.sum(destr_sq))
     tl.store(partial_ptr + 3 * pid + 2, tl.sum(kept_sq))
@@ -113,3 +112,16 @@ def curvature_mask(grads_clean, grads_destr, curvature, probe, beta, tau, soft):
         )
         stats += partial.sum(0, dtype=torch.float64)
     return stats, hist
+
+
+def aot_specs():
+    """(kernel, signature, constexprs) of every specialisation, for compiling ahead of time
+    for GPU targets without a GPU (tests/test_triton_aot.py)."""
+    signature = {"table_ptr": "*i64", "num_tensors": "i32", "partial_ptr": "*fp32", "hist_ptr": "*i64",
+                 "beta": "fp32", "one_minus_beta": "fp32", "tau": "fp32"}
+    fixed = {"CHUNK": CHUNK, "BLOCK": BLOCK, "HIST_BINS": HIST_BINS, "HIST_OFFSET": HIST_OFFSET}
+    return [
+        (_curvature_mask_kernel, signature,
+         {"GRAD_DTYPE": dtype, "HAS_PROBE": probe, "SOFT": soft, **fixed}, {"num_warps": 8})
+        for dtype in _TL_DTYPES.values() for probe in (False, True) for soft in (False, True)
+    ]
