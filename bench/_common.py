@@ -27,11 +27,17 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def median_time(fn, device, repeats=10, warmup=2):
-    """Median wall time of ``fn()`` in seconds (CUDA: events around each call)."""
+def median_time(fn, device, repeats=10, warmup=2, budget_s=5.0):
+    """Median wall time of ``fn()`` in seconds (CUDA: events around each call).
+
+    Slow candidates get fewer repeats (at least 3) so that one stays within ``budget_s``.
+    """
+    t0 = time.perf_counter()
     for _ in range(warmup):
         fn()
     sync(device)
+    per_call = (time.perf_counter() - t0) / max(warmup, 1)
+    repeats = max(3, min(repeats, int(budget_s / max(per_call, 1e-9))))
     times = []
     for _ in range(repeats):
         if torch.device(device).type == "cuda":

@@ -4,11 +4,17 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(modalimmune, m) {
+  // lowrank_svd: docs/ops/lowrank_svd.md. A (b, n, d) and omega (b, n, q), float32 or
+  // float64, contiguous; returns U (b, n, k), S (b, k) descending, V (b, d, k).
+  m.def("lowrank_svd(Tensor A, Tensor omega, int k, int niter) -> (Tensor U, Tensor S, Tensor V)");
   // curvature_mask: docs/ops/curvature_mask.md. Returns (stats, hist):
   // stats = float64[3] (masked count, sum g_d^2, sum (M*g_d)^2), hist = int64[256].
   m.def(
       "curvature_mask(Tensor(a!)[] grads_clean, Tensor[] grads_destr, Tensor(b!)[] curvature, "
       "Tensor[]? probe, float beta, float tau, bool soft) -> (Tensor, Tensor)");
+  // neumann_update: docs/hypergrad.md. With u = w + damping*v: v <- v - alpha*u, p <- p + v;
+  // returns float64[2] = (||v_new||^2, <v_old, u>). alpha: 0-dim float64 tensor on the device.
+  m.def("neumann_update(Tensor(a!)[] v, Tensor(b!)[] p, Tensor[] w, Tensor alpha, float damping) -> Tensor");
 }
 
 #ifdef MODALIMMUNE_WITH_CUDA

@@ -1,20 +1,18 @@
 """Triton kernel of the fused curvature mask (docs/ops/curvature_mask.md).
 
-Multi-tensor: one launch per gradient dtype covers every parameter. A packed
-int64 table (one host-to-device copy) holds, per parameter, the addresses of
-g_c, g_d, D and the probe and its length, and, per program, the parameter and
-the first element of its chunk. Each program reads its addresses from the
-table and casts them to typed pointers.
+Multi-tensor: one launch per gradient dtype covers every parameter, through
+the pointer table of kernels/_multi_tensor.py (lists g_c, g_d, D, probe).
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from ._multi_tensor import CHUNK, address, chunk_bounds, groups_by_dtype, pointer_table
+
 HIST_BINS = 256
 HIST_MIN_EXP = -40
 HIST_OFFSET = (127 + HIST_MIN_EXP) << 2
-CHUNK = 1 << 16
 BLOCK = 4096
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -27,20 +25,16 @@ def _curvature_mask_kernel(
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, HIST_BINS: tl.constexpr, HIST_OFFSET: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    chunks_base = table_ptr + 5 * num_tensors
-    t = tl.load(chunks_base + 2 * pid)
-    start = tl.load(chunks_base + 2 * pid + 1)
-    n = tl.load(table_ptr + 4 * num_tensors + t)
-    gc_ptr = tl.load(table_ptr + 4 * t).to(tl.pointer_type(GRAD_DTYPE))
-    gd_ptr = tl.load(table_ptr + 4 * t + 1).to(tl.pointer_type(GRAD_DTYPE))
-    d_ptr = tl.load(table_ptr + 4 * t + 2).to(tl.pointer_type(tl.float32))
-    probe_ptr = tl.load(table_ptr + 4 * t + 3).to(tl.pointer_type(tl.float32))
+    t, start, length = chunk_bounds(table_ptr, num_tensors, 4, CHUNK)
+    gc_ptr = address(table_ptr, t, 0, 4, GRAD_DTYPE)
+    gd_ptr = address(table_ptr, t, 1, 4, GRAD_DTYPE)
+    d_ptr = address(table_ptr, t, 2, 4, tl.float32)
+    probe_ptr = address(table_ptr, t, 3, 4, tl.float32)
 
     masked = tl.zeros([BLOCK], tl.float32)
     destr_sq = tl.zeros([BLOCK], tl.float32)
     kept_sq = tl.zeros([BLOCK], tl.float32)
     hist = tl.zeros([HIST_BINS], tl.int32)
-    length = tl.minimum(n - start, CHUNK)
     for offset in range(0, length, BLOCK):
         idx = start + offset + tl.arange(0, BLOCK)
         valid = idx < start + length
@@ -76,31 +70,14 @@ def _curvature_mask_kernel(
     tl.atomic_add(hist_ptr + tl.arange(0, HIST_BINS), hist.to(tl.int64))
 
 
-def _table(grads_clean, grads_destr, curvature, probe):
-    """Packed int64 table: [addresses (T x 4) | numel (T) | (tensor, start) per chunk]."""
-    addresses, numel, chunks = [], [], []
-    for t, (gc, gd, d) in enumerate(zip(grads_clean, grads_destr, curvature)):
-        p = probe[t] if probe is not None else d
-        addresses += [gc.data_ptr(), gd.data_ptr(), d.data_ptr(), p.data_ptr()]
-        numel.append(gc.numel())
-        for start in range(0, gc.numel(), CHUNK):
-            chunks += [t, start]
-    table = torch.tensor(addresses + numel + chunks, dtype=torch.int64)
-    return table.to(grads_clean[0].device, non_blocking=True), len(chunks) // 2
-
-
 def curvature_mask(grads_clean, grads_destr, curvature, probe, beta, tau, soft):
     """Runs the kernel in place; returns (stats float64[3], hist int64[256])."""
     device = grads_clean[0].device
     stats = torch.zeros(3, dtype=torch.float64, device=device)
     hist = torch.zeros(HIST_BINS, dtype=torch.int64, device=device)
-    groups = {}
-    for t, gc in enumerate(grads_clean):
-        groups.setdefault(gc.dtype, []).append(t)
-    for dtype, members in groups.items():
-        pick = lambda tensors: [tensors[t] for t in members]  # noqa: E731
-        table, programs = _table(pick(grads_clean), pick(grads_destr), pick(curvature),
-                                 pick(probe) if probe is not None else None)
+    lists = [grads_clean, grads_destr, curvature, probe if probe is not None else curvature]
+    for dtype, members in groups_by_dtype(grads_clean).items():
+        table, programs = pointer_table(lists, members)
         if programs == 0:
             continue
         partial = torch.empty(programs, 3, dtype=torch.float32, device=device)

@@ -5,7 +5,6 @@ available), ``cpp`` (C++ with OpenMP, CPU tensors), ``cuda`` (CUDA, GPU tensors)
 ``triton`` (GPU tensors; CPU tensors too under ``TRITON_INTERPRET=1``).
 """
 
-import functools
 import importlib.util
 import os
 
@@ -21,11 +20,7 @@ def triton_interpreted():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_missing():
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed (pip install triton)"
-    return None
+_TRITON_MISSING = "Triton is not installed (pip install triton)" if importlib.util.find_spec("triton") is None else None
 
 
 def unavailable_reason(backend, device=None):
@@ -40,8 +35,8 @@ def unavailable_reason(backend, device=None):
     if backend == "torch":
         return None
     if backend == "triton":
-        if _triton_missing():
-            return _triton_missing()
+        if _TRITON_MISSING:
+            return _TRITON_MISSING
         on_gpu = torch.cuda.is_available()
         if device is None:
             return None if on_gpu or triton_interpreted() else "no GPU visible and TRITON_INTERPRET is not 1"

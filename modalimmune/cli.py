@@ -1,6 +1,8 @@
-"""Command line: ``modalimmune info|...`` (also ``python -m modalimmune``)."""
+"""Command line: ``modalimmune info|train|eval|compare`` (also ``python -m modalimmune``)."""
 
 import argparse
+import json
+import os
 import platform
 import sys
 
@@ -44,16 +46,129 @@ def _info(args):
     return 0
 
 
+def _add_training_options(parser):
+    parser.add_argument("--dataset", required=True, help="mfeat, avdigits, or PATH.npz (one array per modality and y)")
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--model", default="mlp", help="ready model: mlp or transformer")
+    parser.add_argument("--decode", action="store_true", help="give the model reconstruction decoders")
+    parser.add_argument("--rec-weight", type=float, default=0.0, help="weight of the reconstruction loss")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--patience", type=int, default=10, help="early-stopping patience in epochs (0: off)")
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default 1 on the CPU: the ready models are small)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _training_config(args):
+    return dict(epochs=args.epochs, model=args.model, model_options={"decode": True} if args.decode else {},
+                rec_weight=args.rec_weight, batch_size=args.batch_size, lr=args.lr, grad_accum=args.grad_accum,
+                patience=args.patience, split_seed=args.split_seed, bf16=args.bf16, device=args.device,
+                progress=not args.no_progress)
+
+
+def _set_threads(args):
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads: expected an int >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    elif getattr(args, "device", "auto") in ("auto", "cpu") and not torch.cuda.is_available():
+        torch.set_num_threads(1)
+
+
+def _train(args):
+    from .data import load_dataset
+    from .models import build_model
+    from .train import TrainConfig, Trainer, seed_everything
+
+    _set_threads(args)
+    config = TrainConfig(method=args.method, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                         **_training_config(args))
+    dataset = load_dataset(args.dataset, split_seed=config.split_seed)
+    seed_everything(config.seed)
+    model = build_model(config.model, dataset.spec, dataset.num_classes, **config.model_options)
+    summary = Trainer(model, dataset, config, out_dir=args.out).fit(resume=args.resume)
+    print(json.dumps(summary))
+    return 0
+
+
+def _eval(args):
+    from .data import load_dataset
+    from .eval import evaluate
+    from .eval.report import write_json
+    from .train import load_model
+    from .train import checkpoint as ckpt
+
+    _set_threads(args)
+    saved = ckpt.load(args.checkpoint, ("config",))
+    split_seed = saved["config"].get("split_seed", 0) if args.split_seed is None else args.split_seed
+    dataset = load_dataset(args.dataset or saved.get("dataset", ""), split_seed=split_seed)
+    model, _ = load_model(args.checkpoint, dataset)
+    result = evaluate(model, dataset, args.split, seed=args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    write_json(os.path.join(args.out, "eval.json"), result)
+    print(json.dumps({k: result[k] for k in ("clean_accuracy", "mean_missing_accuracy", "worst_missing_accuracy",
+                                             "drop_rate_auc", "relative_robustness")}))
+    return 0
+
+
+def _compare(args):
+    from .eval import compare
+    from .train.methods import METHODS, split_methods
+
+    _set_threads(args)
+    methods = split_methods(args.methods) if args.methods else sorted(METHODS)
+    compare(args.dataset, methods, args.seeds, args.out, save_models=args.save_models, **_training_config(args))
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="modalimmune", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions and which backends are usable").set_defaults(run=_info)
+
+    train = commands.add_parser("train", help="train one method on one dataset")
+    _add_training_options(train)
+    train.add_argument("--method", default="erm", help="a method, with options: moddrop[p=0.3]")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--checkpoint-every", type=int, default=0,
+                       help="optimizer steps between checkpoints (0: at the end of each epoch)")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists")
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("eval", help="the evaluation protocol on a trained model.pt")
+    evaluate.add_argument("--checkpoint", required=True, help="a model.pt written by train")
+    evaluate.add_argument("--dataset", default=None, help="default: the dataset the model was trained on")
+    evaluate.add_argument("--out", required=True)
+    evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the random drop and noise patterns")
+    evaluate.add_argument("--split-seed", type=int, default=None, help="default: the one used in training")
+    evaluate.add_argument("--threads", type=int, default=None)
+    evaluate.set_defaults(run=_eval)
+
+    comp = commands.add_parser("compare", help="train and evaluate several methods over seeds; write a report")
+    _add_training_options(comp)
+    comp.add_argument("--methods", default=None, help="comma-separated method specs (default: every method)")
+    comp.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    comp.add_argument("--save-models", action="store_true", help="keep each run's model.pt")
+    comp.set_defaults(run=_compare)
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    return args.run(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        parser.exit(2, f"modalimmune {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

@@ -37,3 +37,16 @@ def choice(name, value, options):
     if value not in options:
         raise ValueError(f"{name}: expected one of {', '.join(map(repr, options))}, got {value!r}")
     return value
+
+
+def parameter_tensors(index, named, device):
+    """The tensors of parameter ``index`` (``named``: (list name, tensor) pairs) are on
+    ``device``, have the first one's shape, and are contiguous."""
+    shape = named[0][1].shape
+    for name, tensor in named:
+        if tensor.device != device:
+            raise ValueError(f"{name}[{index}]: expected a tensor on {device}, got {tensor.device}")
+        if tensor.shape != shape:
+            raise ValueError(f"{name}[{index}]: expected shape {tuple(shape)}, got {tuple(tensor.shape)}")
+        if not tensor.is_contiguous():
+            raise ValueError(f"{name}[{index}]: expected a contiguous tensor")

@@ -107,13 +107,7 @@ def _validate_args(grads_clean, grads_destr, curvature, probe, beta, tau, mode):
         named = [("grads_clean", grads_clean[i]), ("grads_destr", grads_destr[i]), ("curvature", curvature[i])]
         if probe is not None:
             named.append(("probe", probe[i]))
-        for name, tensor in named:
-            if tensor.device != device:
-                raise ValueError(f"{name}[{i}]: expected a tensor on {device}, got {tensor.device}")
-            if tensor.shape != grads_clean[i].shape:
-                raise ValueError(f"{name}[{i}]: expected shape {tuple(grads_clean[i].shape)}, got {tuple(tensor.shape)}")
-            if not tensor.is_contiguous():
-                raise ValueError(f"{name}[{i}]: expected a contiguous tensor")
+        _validate.parameter_tensors(i, named, device)
         for name, tensor in named[:2]:
             if tensor.dtype not in _validate.GRAD_DTYPES:
                 raise TypeError(f"{name}[{i}]: expected float32, bfloat16 or float16, got {tensor.dtype}")

@@ -1,0 +1,60 @@
+"""``compare``: every method trained for every seed on one dataset, evaluated
+with the same protocol, aggregated into a report."""
+
+import os
+
+from ..data import MultimodalDataset, load_dataset
+from ..models import build_model
+from ..train import TrainConfig, Trainer, seed_everything
+from ..train.methods import build_method, parse_method
+from .metrics import effective_robustness
+from .protocol import evaluate
+from .report import build_report, write_json, write_report
+
+REFERENCE_METHOD = "erm"
+
+
+def compare(dataset, methods, seeds, out_dir, *, save_models=False, log=print, **config):
+    """Trains ``methods`` (specs like ``"moddrop[p=0.3]"``) with each of ``seeds``
+    (a count or a list) and writes ``out_dir/report.{json,md}``, the plots and,
+    per run, ``runs/METHOD/seedS/{metrics.jsonl,eval.json}`` (and ``model.pt``
+    with ``save_models``). ``config``: TrainConfig
+    fields other than method and seed. Returns the report dict."""
+    if isinstance(dataset, (str, os.PathLike)):
+        dataset = load_dataset(dataset, split_seed=config.get("split_seed", 0))
+    if not isinstance(dataset, MultimodalDataset):
+        raise TypeError(f"dataset: expected a name, a path or a MultimodalDataset, got {type(dataset).__name__}")
+    if not methods or len(set(methods)) != len(methods):
+        raise ValueError(f"methods: expected distinct method specs, got {methods!r}")
+    for spec in methods:
+        build_method(spec)  # unknown names and options fail before any training
+    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if not seeds:
+        raise ValueError("seeds: expected at least one seed")
+    TrainConfig(**config)  # bad settings fail before any training too
+    runs = {}
+    for spec in methods:
+        runs[spec] = []
+        for seed in seeds:
+            run_dir = os.path.join(out_dir, "runs", spec, f"seed{seed}")
+            train_config = TrainConfig(**{**config, "method": spec, "seed": seed})
+            seed_everything(seed)
+            model = build_model(train_config.model, dataset.spec, dataset.num_classes, **train_config.model_options)
+            summary = Trainer(model, dataset, train_config, out_dir=run_dir, checkpoints=save_models).fit()
+            result = evaluate(model, dataset, "test", seed=seed)
+            result["training"] = summary
+            runs[spec].append(result)
+            log(f"{spec} seed {seed}: clean {result['clean_accuracy']:.4f} "
+                f"mean-missing {result['mean_missing_accuracy']:.4f} ({summary['seconds']:.1f} s)")
+    reference = next((s for s in methods if s == REFERENCE_METHOD), None) or next(
+        (s for s in methods if parse_method(s)[0] == REFERENCE_METHOD), None)
+    for spec in methods:
+        for k, (seed, result) in enumerate(zip(seeds, runs[spec])):
+            if reference is not None:
+                result["effective_robustness"] = effective_robustness(
+                    result["drop_rate_curve"]["accuracy"], runs[reference][k]["drop_rate_curve"]["accuracy"])
+            write_json(os.path.join(out_dir, "runs", spec, f"seed{seed}", "eval.json"), result)
+    report = build_report(dataset.name, dataset.modalities, seeds, runs)
+    paths = write_report(out_dir, report, runs)
+    log("wrote " + ", ".join(paths.values()))
+    return report

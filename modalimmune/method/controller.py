@@ -1,0 +1,231 @@
+"""InfoGainController: which modality to collapse, and how hard
+(docs/method_training.md, "Controller").
+
+The information a modality carries for the current model is the expected KL
+divergence between the predictions with all modalities and with that modality
+knocked out (collapsed at strength 1: only its mean is left),
+
+    IG_m = E_x KL(p(y|x) || p(y|x with m knocked out)),
+
+measured from cached embeddings (the M knocked-out copies go through fusion
+and head in one stacked pass, in eval mode; no encoder re-run) and tracked as an EMA with a count. With ``estimator="shapley"``
+(M <= 5) the estimate is instead the exact Shapley value of
+``v(S) = -E KL(p(y|x) || p(y|x_S))`` from the 2^M coalitions. The target is drawn from
+
+    pi_m = (1 - eps) softmax(IG / T)_m + eps / M
+
+and collapsed at ``s_m = s_min + (s_max - s_min) IG_m / max_j IG_j``;
+``estimator="uniform"`` (the ablation) draws uniformly at the mid strength.
+"""
+
+import itertools
+import math
+
+import torch
+import torch.distributed as dist
+
+from ..ops import _validate
+from .interventions import knock_out
+
+ESTIMATORS = ("ig", "shapley", "uniform")
+MAX_SHAPLEY_MODALITIES = 5
+
+
+def _kl(log_p, log_q):
+    """Mean over the batch of KL(p || q) from log-probabilities."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+@torch.no_grad()
+def _variant_predictions(model, embeddings, present, masks, variants):
+    """Log-probabilities of the intact batch and of each variant (a set of modality indices kept,
+    the others knocked out): one fusion-and-head pass over the variants stacked along the batch,
+    in eval mode (no dropout noise in the comparison). Returns (intact, [per variant])."""
+    names = list(model.modalities)
+    batch = present.shape[0]
+    knocked = {name: knock_out(z.detach()) for name, z in embeddings.items()}
+    everyone = set(range(len(names)))
+    variants = [everyone] + [set(v) for v in variants]
+    stacked = {name: torch.cat([embeddings[name].detach() if i in kept else knocked[name] for kept in variants])
+               for i, name in enumerate(names)}
+    repeat = lambda t: t.repeat(len(variants), *([1] * (t.dim() - 1)))  # noqa: E731
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model.head(model.fuse(stacked, repeat(present), {k: repeat(m) for k, m in (masks or {}).items()}))
+    finally:
+        model.train(was_training)
+    log_p = logits.float().log_softmax(-1).split(batch)
+    return log_p[0], log_p[1:]
+
+
+def information_gain(model, embeddings, present, masks=None):
+    """``IG_m`` for every modality of ``model`` on one batch: a float64 tensor (M,)."""
+    M = len(model.modalities)
+    full, knocked = _variant_predictions(model, embeddings, present, masks,
+                                         [set(range(M)) - {m} for m in range(M)])
+    return torch.stack([_kl(full, q) for q in knocked]).double().cpu()
+
+
+def coalition_values(model, embeddings, present, masks=None):
+    """``v(S) = -E KL(p(y|x) || p(y|x_S))`` for every coalition S (a frozenset of
+    modality indices); the modalities outside S are knocked out. 2^M variants, one pass."""
+    M = len(model.modalities)
+    coalitions = [frozenset(c) for size in range(M + 1) for c in itertools.combinations(range(M), size)]
+    full, predictions = _variant_predictions(model, embeddings, present, masks, coalitions)
+    values = torch.stack([_kl(full, q) for q in predictions]).double().neg().tolist()
+    return dict(zip(coalitions, values))
+
+
+def shapley_from_values(values, num_players):
+    """Exact Shapley values phi_m = sum_{S not containing m} |S|!(M-|S|-1)!/M! (v(S+m) - v(S))."""
+    phi = torch.zeros(num_players, dtype=torch.float64)
+    for coalition, value in values.items():
+        size = len(coalition)
+        for m in range(num_players):
+            if m not in coalition:
+                weight = math.factorial(size) * math.factorial(num_players - size - 1) / math.factorial(num_players)
+                phi[m] += weight * (values[coalition | {m}] - value)
+    return phi
+
+
+def shapley_values(model, embeddings, present, masks=None):
+    """Exact Shapley values of :func:`coalition_values` (M <= 5); they sum to v(all) - v(empty)."""
+    if len(model.modalities) > MAX_SHAPLEY_MODALITIES:
+        raise ValueError(f"estimator: 'shapley' needs M <= {MAX_SHAPLEY_MODALITIES} modalities, "
+                         f"got {len(model.modalities)}")
+    return shapley_from_values(coalition_values(model, embeddings, present, masks), len(model.modalities))
+
+
+class InfoGainController:
+    """Per-modality information-gain estimates and the choice of target and strength.
+
+    Args:
+        modalities: the modality names, in the model's order.
+        estimator: ``"ig"`` (KL information gain), ``"shapley"`` (exact Shapley
+            value, M <= 5) or ``"uniform"`` (no estimate: uniform target, mid strength).
+        temperature, epsilon: of the target distribution pi.
+        s_min, s_max: the strength range.
+        momentum: EMA factor of the estimates (the first observation sets them).
+        max_targets: how many modalities one step may collapse together (at most M - 1); each
+            step draws its count uniformly from 1..max_targets.
+        budget: cap on the summed strength of the targets of one step (None: none);
+            the first target is always taken.
+        seed: of the controller's own generator (its state is in the checkpoint).
+    """
+
+    def __init__(self, modalities, *, estimator="ig", temperature=1.0, epsilon=0.1, s_min=0.2, s_max=0.9,
+                 momentum=0.9, max_targets=1, budget=None, seed=0):
+        self.modalities = tuple(modalities)
+        if not self.modalities:
+            raise ValueError("modalities: expected at least one modality")
+        self.estimator = _validate.choice("estimator", estimator, ESTIMATORS)
+        if estimator == "shapley" and len(self.modalities) > MAX_SHAPLEY_MODALITIES:
+            raise ValueError(f"estimator: 'shapley' needs M <= {MAX_SHAPLEY_MODALITIES} modalities, "
+                             f"got {len(self.modalities)}")
+        self.temperature = _validate.finite_float("temperature", temperature, 0.0)
+        if self.temperature == 0:
+            raise ValueError("temperature: expected a value > 0, got 0.0")
+        self.epsilon = _validate.finite_float("epsilon", epsilon, 0.0, 1.0)
+        self.s_min = _validate.finite_float("s_min", s_min, 0.0, 1.0)
+        self.s_max = _validate.finite_float("s_max", s_max, self.s_min, 1.0)
+        self.momentum = _validate.finite_float("momentum", momentum, 0.0, 1.0, high_open=True)
+        if isinstance(max_targets, bool) or not isinstance(max_targets, int) or max_targets < 1:
+            raise ValueError(f"max_targets: expected an int >= 1, got {max_targets!r}")
+        self.max_targets = min(max_targets, max(1, len(self.modalities) - 1))
+        self.budget = None if budget is None else _validate.finite_float("budget", budget, 0.0)
+        M = len(self.modalities)
+        self.estimates = torch.zeros(M, dtype=torch.float64)
+        self.counts = torch.zeros(M, dtype=torch.int64)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    # -- estimates ------------------------------------------------------------------------------
+    def measure(self, model, embeddings, present, masks=None):
+        """This batch's estimate per modality (float64, (M,)); all-reduced (mean) across
+        data-parallel ranks when a process group is up."""
+        if self.estimator == "shapley":
+            values = shapley_values(model, embeddings, present, masks)
+        else:
+            values = information_gain(model, embeddings, present, masks)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = next(iter(embeddings.values())).device
+            reduced = values.to(device)
+            dist.all_reduce(reduced)
+            values = (reduced / dist.get_world_size()).cpu()
+        return values
+
+    def update(self, values, which=None):
+        """Folds ``values`` (M,) into the EMAs of the modalities in ``which`` (default: all)."""
+        values = torch.as_tensor(values, dtype=torch.float64)
+        if values.shape != self.estimates.shape or not torch.isfinite(values).all():
+            raise ValueError(f"values: expected {len(self.modalities)} finite estimates, got {values.tolist()}")
+        chosen = torch.zeros(len(self.modalities), dtype=torch.bool)
+        chosen[list(range(len(self.modalities))) if which is None else list(which)] = True
+        first = chosen & (self.counts == 0)
+        blended = self.momentum * self.estimates + (1 - self.momentum) * values
+        self.estimates = torch.where(first, values, torch.where(chosen, blended, self.estimates))
+        self.counts += chosen.long()
+
+    def observe(self, model, embeddings, present, masks=None):
+        """Measures this batch (no gradients) and updates the EMAs; returns the batch's values."""
+        if self.estimator == "uniform":
+            return None
+        values = self.measure(model, embeddings, present, masks)
+        self.update(values)
+        return values
+
+    # -- choices --------------------------------------------------------------------------------
+    def probabilities(self):
+        """pi (float64, (M,)): (1 - eps) softmax(IG / T) + eps / M; uniform for the ablation."""
+        M = len(self.modalities)
+        if self.estimator == "uniform":
+            return torch.full((M,), 1.0 / M, dtype=torch.float64)
+        return (1 - self.epsilon) * torch.softmax(self.estimates / self.temperature, 0) + self.epsilon / M
+
+    def strengths(self):
+        """s_m = s_min + (s_max - s_min) IG_m / max_j IG_j (negative estimates count as 0);
+        the mid strength everywhere for the ablation or before any positive estimate."""
+        M = len(self.modalities)
+        gains = self.estimates.clamp_min(0)
+        top = float(gains.max())
+        if self.estimator == "uniform" or top <= 0:
+            return torch.full((M,), (self.s_min + self.s_max) / 2, dtype=torch.float64)
+        return self.s_min + (self.s_max - self.s_min) * gains / top
+
+    def choose(self):
+        """``[(modality index, strength), ...]``: the first target drawn from pi; then a count
+        uniform in 1..``max_targets``, the further targets drawn from pi without replacement
+        while the summed strength stays within ``budget``."""
+        order = torch.multinomial(self.probabilities(), len(self.modalities), replacement=False,
+                                  generator=self.generator).tolist()
+        count = 1 + int(torch.randint(self.max_targets, (), generator=self.generator)) if self.max_targets > 1 else 1
+        strengths = self.strengths().tolist()
+        targets, spent = [], 0.0
+        for m in order[:count]:
+            if targets and self.budget is not None and spent + strengths[m] > self.budget:
+                break
+            targets.append((m, strengths[m]))
+            spent += strengths[m]
+        return targets
+
+    def log(self):
+        """Per-modality estimate, strength and probability, for the metrics log."""
+        record = {}
+        for name, ig, s, p in zip(self.modalities, self.estimates.tolist(), self.strengths().tolist(),
+                                  self.probabilities().tolist()):
+            record.update({f"ig/{name}": ig, f"strength/{name}": s, f"pi/{name}": p})
+        return record
+
+    # -- checkpoint -----------------------------------------------------------------------------
+    def state_dict(self):
+        return {"estimates": self.estimates.clone(), "counts": self.counts.clone(),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        for key in ("estimates", "counts"):
+            if tuple(state[key].shape) != (len(self.modalities),):
+                raise ValueError(f"state['{key}']: expected shape ({len(self.modalities)},), "
+                                 f"got {tuple(state[key].shape)}")
+        self.estimates = state["estimates"].to(torch.float64).clone()
+        self.counts = state["counts"].to(torch.int64).clone()
+        self.generator.set_state(state["generator"])

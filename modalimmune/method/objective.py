@@ -1,0 +1,93 @@
+"""The ModalImmune objective (docs/method_training.md, "Objective").
+
+For a batch x and its intervened copy x~ (one or more modalities collapsed):
+
+    L = L_task(x)                                      clean part, gradient g_c
+      + l_imm  L_task(x~)                              immunity
+      + l_con  ||H(x) - H(x~)||^2 / d_h                representation consistency
+      - l_rank erank(H(x~)) / min(B, d_h)              anti-collapse guard
+      + l_rec  sum_m ||D_m(H(x~)) - sg(Z_m)||^2 / d_m  reconstruction (models that decode)
+
+Everything after the first line is the destructive part, gradient g_d. The
+squared norms are averaged over the batch.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..models.base import pool
+from ..ops.effective_rank import effective_rank
+
+
+def task_loss(logits, labels):
+    return F.cross_entropy(logits.float(), labels)
+
+
+def consistency_loss(joint, joint_tilde):
+    """||H - H~||^2 / d_h, averaged over the batch."""
+    return (joint.float() - joint_tilde.float()).square().sum(-1).mean() / joint.shape[-1]
+
+
+def normalised_effective_rank(joint, *, k=None, generator=None):
+    """erank(H) / min(B, d_h): RankMe over the top ``k`` singular values (None: min(64, B, d_h))."""
+    k = None if k is None else min(k, *joint.shape)
+    return effective_rank(joint.float(), k=k, generator=generator) / min(joint.shape)
+
+
+def reconstruction_loss(decoded, embeddings, masks=None):
+    """sum_m ||D_m - sg(pool(Z_m))||^2 / d_m, averaged over the batch."""
+    masks = masks or {}
+    return sum((decoded[name].float() - pool(z, masks.get(name)).detach().float()).square().mean(-1).mean()
+               for name, z in embeddings.items())
+
+
+@dataclass
+class Terms:
+    """The pieces of the objective, each a scalar tensor (``reconstruction`` 0 when off)."""
+
+    task: torch.Tensor
+    immunity: torch.Tensor
+    consistency: torch.Tensor
+    erank: torch.Tensor
+    reconstruction: torch.Tensor
+
+    def destructive(self, weights, rec_weight=0.0):
+        """l_imm L_imm + l_con L_con - l_rank erank + l_rec L_rec; ``weights`` = (l_imm, l_con, l_rank)."""
+        loss = weights[0] * self.immunity + weights[1] * self.consistency - weights[2] * self.erank
+        return loss + rec_weight * self.reconstruction if rec_weight else loss
+
+    def log(self):
+        return {f"term/{k}": float(v.detach()) for k, v in vars(self).items()}
+
+
+@dataclass
+class Outputs:
+    """The model outputs the objective is a function of."""
+
+    joint: torch.Tensor
+    logits: torch.Tensor
+    joint_tilde: torch.Tensor
+    logits_tilde: torch.Tensor
+    decoded: dict | None = None
+
+
+def forward_pair(model, embeddings, perturbed, present, perturbed_present, masks=None, *, decode=False,
+                 perturbed_masks=None):
+    """Fusion and head on the intact and on the intervened embeddings (encoders run once, before)."""
+    joint = model.fuse(embeddings, present, masks)
+    joint_tilde = model.fuse(perturbed, perturbed_present, masks if perturbed_masks is None else perturbed_masks)
+    decoded = model.decode(joint_tilde) if decode else None
+    return Outputs(joint, model.head(joint), joint_tilde, model.head(joint_tilde), decoded)
+
+
+def objective_terms(outputs, labels, embeddings=None, masks=None, *, erank_k=None, generator=None, erank=None):
+    """:class:`Terms` of ``outputs``; ``erank`` (the normalised effective rank of H~) is
+    computed unless given; the reconstruction needs ``embeddings`` when the outputs decode."""
+    if erank is None:
+        erank = normalised_effective_rank(outputs.joint_tilde, k=erank_k, generator=generator)
+    zero = outputs.logits.new_zeros((), dtype=torch.float32)
+    rec = reconstruction_loss(outputs.decoded, embeddings, masks) if outputs.decoded is not None else zero
+    return Terms(task_loss(outputs.logits, labels), task_loss(outputs.logits_tilde, labels),
+                 consistency_loss(outputs.joint, outputs.joint_tilde), erank.float(), rec)

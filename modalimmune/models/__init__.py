@@ -1,0 +1,22 @@
+"""Ready models following the DESIGN section 1 contract, built by name."""
+
+from .base import ModalImmuneModel, pool
+from .late_fusion import LateFusionMLP
+from .transformer import FusionTransformer
+
+MODELS = {"mlp": LateFusionMLP, "transformer": FusionTransformer}
+
+
+def build_model(name, spec, num_classes, **options):
+    """A ready model for a dataset's ``spec`` (``{name: ModalitySpec}``)."""
+    if name not in MODELS:
+        raise ValueError(f"model: unknown {name!r}; expected one of {', '.join(MODELS)}")
+    return MODELS[name](spec, num_classes, **options)
+
+
+def model_name(model):
+    """The registry name of a ready model (None for a user's own module)."""
+    return next((name for name, cls in MODELS.items() if type(model) is cls), None)
+
+
+__all__ = ["ModalImmuneModel", "LateFusionMLP", "FusionTransformer", "MODELS", "build_model", "model_name", "pool"]

@@ -1,0 +1,70 @@
+"""The model contract of DESIGN section 1 (docs/benchmark.md, "Models").
+
+A model has named modalities and
+- ``encode(batch) -> {name: Z}``, ``Z`` ``(B, d)`` pooled or ``(B, T, d)`` tokens;
+- ``fuse(embeddings, present, masks=None) -> H`` ``(B, d_h)``, ``present`` a
+  ``(B, M)`` bool mask in ``modalities`` order, ``masks`` the token masks of
+  token embeddings (``batch.masks``);
+- ``head(H) -> logits`` and optionally ``decode(H) -> {name: Ẑ}``, the pooled
+  embedding of each modality reconstructed from the joint one.
+"""
+
+import torch
+from torch import nn
+
+
+def pool(embedding, mask=None):
+    """A pooled ``(B, d)`` embedding: itself, or the mean over the real tokens."""
+    if embedding.ndim == 2:
+        return embedding
+    if mask is None:
+        return embedding.mean(1)
+    weights = mask.to(embedding.dtype)[..., None]
+    return (embedding * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
+class ModalImmuneModel(nn.Module):
+    """Base class for the ready models; any module with the same methods trains.
+
+    ``self.encoders`` (an ``nn.ModuleDict`` by modality) lets methods that act on
+    each modality's parameters (``ogm_ge``) find them; ``self.config`` holds the
+    constructor arguments so that a checkpoint can rebuild the model.
+    """
+
+    decodes = False
+
+    def __init__(self, modalities):
+        super().__init__()
+        self.modalities = tuple(modalities)
+
+    def encode(self, batch):
+        raise NotImplementedError
+
+    def fuse(self, embeddings, present, masks=None):
+        raise NotImplementedError
+
+    def build_heads(self, joint_dim, num_classes, embed_dim, decode):
+        """A linear classifier on H and, with ``decode``, a linear decoder of each
+        modality's pooled embedding (width ``embed_dim``)."""
+        self.classifier = nn.Linear(joint_dim, num_classes)
+        self.decodes = decode
+        if decode:
+            self.decoders = nn.ModuleDict({name: nn.Linear(joint_dim, embed_dim) for name in self.modalities})
+
+    def head(self, joint):
+        return self.classifier(joint)
+
+    def decode(self, joint):
+        if not self.decodes:
+            raise NotImplementedError(f"{type(self).__name__} was built without decoders (decode=False)")
+        return {name: decoder(joint) for name, decoder in self.decoders.items()}
+
+    def all_present(self, batch):
+        return torch.ones(len(batch), len(self.modalities), dtype=torch.bool, device=batch.labels.device)
+
+    def forward(self, batch, present=None):
+        present = self.all_present(batch) if present is None else present
+        return self.head(self.fuse(self.encode(batch), present, batch.masks))
+
+    def modality_parameters(self, name):
+        return self.encoders[name].parameters()

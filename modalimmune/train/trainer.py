@@ -1,0 +1,305 @@
+"""Trainer: AdamW with warm-up and cosine decay, gradient accumulation, bf16
+autocast where supported, early stopping on validation accuracy, JSONL
+metrics, atomic checkpoints and exact resume (docs/benchmark.md, "Training")."""
+
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import checkpoint
+from .config import TrainConfig
+from .methods import StepContext, build_method
+
+CHECKPOINT = "checkpoint.pt"
+MODEL = "model.pt"
+METRICS = "metrics.jsonl"
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device):
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"config.device: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("config.device: 'cuda' asked for, but no GPU is visible")
+    return device
+
+
+def resolve_bf16(mode, device):
+    """Whether to autocast to bfloat16 ("auto": on CUDA devices that support it)."""
+    supported = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if mode == "on" and not supported:
+        raise ValueError(f"config.bf16: 'on' but {device} does not support bfloat16 autocast")
+    return mode == "on" or (mode == "auto" and device.type == "cuda" and supported)
+
+
+def warmup_cosine(total_steps, warmup_fraction):
+    warmup = max(1, round(warmup_fraction * total_steps)) if warmup_fraction > 0 else 0
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+class MetricsLog:
+    """Append-only JSONL; on resume the records after the checkpoint are dropped
+    so that the file equals the one of an uninterrupted run."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def write(self, **record):
+        if self.path:
+            with open(self.path, "a") as file:
+                file.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step):
+        if not self.path or not os.path.exists(self.path):
+            return
+        with open(self.path) as file:
+            kept = [line for line in file if line.strip() and json.loads(line)["step"] <= step]
+        with open(self.path, "w") as file:
+            file.writelines(kept)
+
+    def reset(self):
+        if self.path and os.path.exists(self.path):
+            os.unlink(self.path)
+
+
+def _check_model(model, dataset):
+    for name in ("encode", "fuse", "head", "parameters"):
+        if not callable(getattr(model, name, None)):
+            raise TypeError(f"model: expected a module with encode, fuse and head (DESIGN section 1); "
+                            f"{type(model).__name__} has no {name}()")
+    modalities = tuple(getattr(model, "modalities", ()))
+    if modalities != tuple(dataset.modalities):
+        raise ValueError(f"model: its modalities {list(modalities)} differ from the dataset's "
+                         f"{list(dataset.modalities)}")
+
+
+class Trainer:
+    """Trains ``model`` on ``dataset`` with ``config`` (a TrainConfig, or its
+    fields as keyword arguments). With ``out_dir``, writes ``metrics.jsonl``,
+    and, when ``checkpoints``, ``checkpoint.pt`` and the final ``model.pt``."""
+
+    def __init__(self, model, dataset, config=None, *, out_dir=None, checkpoints=True, **fields):
+        if config is not None and fields:
+            raise ValueError(f"config: give a TrainConfig or its fields, not both ({', '.join(fields)})")
+        config = config if config is not None else TrainConfig(**fields)
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+        _check_model(model, dataset)
+        self.config, self.dataset, self.out_dir, self.checkpoints = config, dataset, out_dir, checkpoints
+        self.method = build_method(config.method)
+        self.device = resolve_device(config.device)
+        self.bf16 = resolve_bf16(config.bf16, self.device)
+        self.model = model.to(self.device)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        micro = math.ceil(dataset.split_size("train") / config.batch_size)
+        self.steps_per_epoch = math.ceil(micro / config.grad_accum)
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(self.total_steps, config.warmup_fraction))
+        self.state = {"epoch": 0, "batch": 0, "step": 0, "best_accuracy": -1.0, "best_epoch": -1,
+                      "bad_epochs": 0, "done": False}
+        self.best_model = None
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+        self.metrics = MetricsLog(os.path.join(out_dir, METRICS) if out_dir else None)
+        self.method.setup(self.model, self)
+
+    # -- pieces a method or a subclass may use ------------------------------------------------
+    def autocast(self):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def epoch_order(self, epoch):
+        """The training order of ``epoch``: a function of the seed and the epoch only,
+        so a resumed run sees the same batches."""
+        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+        return torch.randperm(self.dataset.split_size("train"), generator=generator)
+
+    @torch.no_grad()
+    def validate(self):
+        self.model.eval()
+        correct, loss = 0, 0.0
+        for batch in self.dataset.batches("val", 512):
+            batch = batch.to(self.device)
+            with self.autocast():
+                logits = self.model(batch).float()
+            loss += torch.nn.functional.cross_entropy(logits, batch.labels, reduction="sum").item()
+            correct += (logits.argmax(-1) == batch.labels).sum().item()
+        self.model.train()
+        n = max(1, self.dataset.split_size("val"))
+        return {"val_loss": loss / n, "val_accuracy": correct / n}
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self):
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "method": self.method.state_dict(),
+                "trainer": dict(self.state), "best_model": self.best_model, "rng": checkpoint.rng_state(),
+                "config": self.config.to_dict()}
+
+    def save_checkpoint(self, path=None):
+        checkpoint.save(path or os.path.join(self.out_dir, CHECKPOINT), self.state_dict())
+
+    def load_checkpoint(self, path):
+        state = checkpoint.load(path, ("model", "optimizer", "scheduler", "method", "trainer", "rng", "config"))
+        saved = TrainConfig.from_dict(state["config"])
+        differs = [k for k in ("method", "seed", "batch_size", "grad_accum", "epochs")
+                   if getattr(saved, k) != getattr(self.config, k)]
+        if differs:
+            raise ValueError(f"checkpoint: {path} was written with another {', '.join(differs)} "
+                             f"({', '.join(f'{k}={getattr(saved, k)!r}' for k in differs)})")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.method.load_state_dict(state["method"])
+        self.state = dict(state["trainer"])
+        self.best_model = state["best_model"]
+        checkpoint.set_rng_state(state["rng"])
+
+    def export(self, path=None):
+        """The final model (best validation weights) with what rebuilds it."""
+        from ..models import model_name
+
+        state = {"model": self.model.state_dict(), "model_name": model_name(self.model),
+                 "model_options": dict(getattr(self.model, "config", {})),
+                 "modalities": list(self.dataset.modalities), "num_classes": self.dataset.num_classes,
+                 "dataset": self.dataset.name, "config": self.config.to_dict(),
+                 "best_val_accuracy": self.state["best_accuracy"]}
+        checkpoint.save(path or os.path.join(self.out_dir, MODEL), state)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def fit(self, resume=False, max_steps=None):
+        """Trains to the end (or early stop); returns a summary dict.
+
+        ``resume``: True continues from ``out_dir/checkpoint.pt`` when it exists,
+        a path continues from that checkpoint. ``max_steps`` stops after that many
+        optimizer steps in total without finishing (as an interruption would)."""
+        path = resume if isinstance(resume, (str, os.PathLike)) else (
+            os.path.join(self.out_dir, CHECKPOINT) if resume and self.out_dir else None)
+        if path and (os.path.exists(path) or resume is not True):
+            self.load_checkpoint(path)
+            self.metrics.truncate_after(self.state["step"])
+        else:
+            seed_everything(self.config.seed)
+            self.metrics.reset()
+        started = time.perf_counter()
+        config, state = self.config, self.state
+        bar = tqdm(total=self.total_steps, initial=state["step"], desc=config.method, unit="step",
+                   disable=not config.progress or not sys.stderr.isatty(), leave=False)
+        self.model.train()
+        try:
+            while not state["done"] and state["epoch"] < config.epochs:
+                if max_steps is not None and state["step"] >= max_steps:
+                    break
+                self._run_epoch(bar, max_steps)
+        finally:
+            bar.close()
+        finished = state["done"] or state["epoch"] >= config.epochs
+        if finished and self.best_model is not None:
+            self.model.load_state_dict(self.best_model)
+        if finished and self.out_dir and self.checkpoints:
+            self.export()
+        return {"finished": finished, "steps": state["step"], "epochs": state["epoch"],
+                "best_val_accuracy": state["best_accuracy"], "best_epoch": state["best_epoch"],
+                "stopped_early": state["done"] and state["epoch"] < config.epochs,
+                "seconds": time.perf_counter() - started}
+
+    def _run_epoch(self, bar, max_steps):
+        config, state = self.config, self.state
+        epoch = state["epoch"]
+        chunks = list(torch.split(self.epoch_order(epoch), config.batch_size))
+        index = self.dataset.indices("train")
+        while state["batch"] < len(chunks):
+            group = chunks[state["batch"]:state["batch"] + config.grad_accum]
+            self.optimizer.zero_grad(set_to_none=True)
+            ctx = StepContext(self.params, 1.0 / len(group), state["step"], epoch, config.epochs, config.rec_weight)
+            logs = []
+            for chunk in group:
+                batch = self.dataset.batch(index[chunk]).to(self.device)
+                with self.autocast():
+                    logs.append(self.method.training_step(self.model, batch, ctx))
+            self._apply_step()
+            state["batch"] += len(group)
+            state["step"] += 1
+            bar.update(1)
+            if state["step"] % config.log_every == 0:
+                record = {k: sum(d[k] for d in logs) / len(logs) for k in logs[0]}
+                self.metrics.write(event="step", step=state["step"], epoch=epoch,
+                                   lr=self.scheduler.get_last_lr()[0], **record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+            if self._checkpoint_due():
+                self.save_checkpoint()
+            if max_steps is not None and state["step"] >= max_steps:
+                return
+        self._end_epoch()
+
+    def _apply_step(self):
+        if self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def _checkpoint_due(self):
+        every = self.config.checkpoint_every
+        return bool(self.out_dir and self.checkpoints and every and self.state["step"] % every == 0)
+
+    def _end_epoch(self):
+        config, state = self.config, self.state
+        val = self.validate()
+        if val["val_accuracy"] > state["best_accuracy"]:
+            state.update(best_accuracy=val["val_accuracy"], best_epoch=state["epoch"], bad_epochs=0)
+            self.best_model = copy.deepcopy(self.model.state_dict())
+        else:
+            state["bad_epochs"] += 1
+        self.metrics.write(event="val", step=state["step"], epoch=state["epoch"], **val)
+        state["epoch"] += 1
+        state["batch"] = 0
+        state["done"] = bool(config.patience and state["bad_epochs"] >= config.patience)
+        if self.out_dir and self.checkpoints and not config.checkpoint_every:
+            self.save_checkpoint()
+
+
+def load_model(path, dataset):
+    """Rebuilds a ready model from a ``model.pt`` written by :meth:`Trainer.export`
+    for ``dataset`` (which must have the same modalities)."""
+    from ..models import build_model
+
+    state = checkpoint.load(path, ("model", "model_name", "model_options", "modalities", "num_classes"))
+    if state["model_name"] is None:
+        raise ValueError(f"checkpoint: {path} holds a user-defined model; rebuild it yourself, load "
+                         "state['model'] and call modalimmune.evaluate")
+    if list(state["modalities"]) != list(dataset.modalities) or state["num_classes"] != dataset.num_classes:
+        raise ValueError(f"dataset: {dataset.name!r} has modalities {list(dataset.modalities)} and "
+                         f"{dataset.num_classes} classes; the checkpoint {path} was trained on "
+                         f"{list(state['modalities'])} with {state['num_classes']}")
+    model = build_model(state["model_name"], dataset.spec, dataset.num_classes, **state["model_options"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise ValueError(f"checkpoint: {path} does not fit the model it names ({str(error)[:200]})") from None
+    return model, state

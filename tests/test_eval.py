@@ -1,0 +1,140 @@
+"""Metrics on hand-computed cases, the protocol on a model whose answers are known, reports."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from modalimmune import evaluate
+from modalimmune.data import MultimodalDataset
+from modalimmune.eval import metrics
+from modalimmune.eval.report import build_report, markdown, write_report
+from modalimmune.models import ModalImmuneModel
+from test_data import single_thread, tiny_dataset  # noqa: F401 (autouse fixture)
+
+
+class Oracle(ModalImmuneModel):
+    """Predicts the class from modality ``a`` (a one-hot of the label) when it is
+    present, and class 0 otherwise; ``b`` and ``c`` are ignored."""
+
+    def __init__(self):
+        super().__init__(("a", "b", "c"))
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def encode(self, batch):
+        return dict(batch.inputs)
+
+    def fuse(self, embeddings, present, masks=None):
+        return embeddings["a"] * present[:, :1] * self.scale
+
+    def head(self, joint):
+        return joint + torch.tensor([1e-3, 0.0])  # ties (a missing) go to class 0
+
+
+@pytest.fixture(scope="module")
+def oracle_data():
+    y = torch.arange(50) % 2
+    return MultimodalDataset({"a": torch.eye(2)[y], "b": torch.randn(50, 3), "c": torch.randn(50, 1)}, y,
+                             standardize=False)
+
+
+def test_subset_names_and_order():
+    names = ("fou", "fac", "pix")
+    assert [metrics.subset_name(names, s) for s in metrics.subsets(names)] == [
+        "fou", "fac", "pix", "fou+fac", "fou+pix", "fac+pix", "fou+fac+pix"]
+    assert metrics.subset_name(names, (2, 1)) == "fac+pix"
+
+
+def test_missing_summary_leaves_out_the_full_set():
+    acc = {"a": 0.5, "b": 0.7, "a+b": 1.0}
+    assert metrics.missing_summary(acc, ("a", "b")) == (0.6, 0.5)
+    assert all(math.isnan(v) for v in metrics.missing_summary({"a": 1.0}, ("a",)))
+
+
+def test_curve_areas_by_hand():
+    rates = [0.0, 0.1, 0.2]
+    acc = [1.0, 0.8, 0.4]
+    # trapezoids: 0.1 * (1.0 + 0.8) / 2 + 0.1 * (0.8 + 0.4) / 2 = 0.15
+    assert metrics.relative_robustness(rates, acc) == pytest.approx(0.15)
+    assert metrics.drop_rate_auc(rates, acc) == pytest.approx(0.75)
+    # MultiBench's loop (levels 0.1 apart) on the full 10-level curve
+    curve = np.linspace(0.9, 0.45, 10)
+    loop = sum((curve[i] + curve[i + 1]) * 0.1 / 2 for i in range(9))
+    assert metrics.relative_robustness(metrics.DROP_RATES, curve) == pytest.approx(loop)
+
+
+def test_effective_robustness_by_hand():
+    f, b = [0.9, 0.8, 0.6], [0.95, 0.7, 0.5]
+    # f - (b + f0 - b0) = [0, 0.15, 0.15]
+    assert metrics.effective_robustness(f, b) == pytest.approx(0.3)
+    assert metrics.effective_robustness(b, b) == 0
+    with pytest.raises(ValueError, match="reference"):
+        metrics.effective_robustness(f, b[:2])
+
+
+def test_r2_and_mean_std():
+    target = np.array([[1.0], [2.0], [3.0]])
+    assert metrics.r2_score(target, target) == 1.0
+    assert metrics.r2_score(np.full_like(target, 2.0), target) == 0.0
+    assert metrics.mean_std([1.0, 3.0]) == {"mean": 2.0, "std": pytest.approx(math.sqrt(2))}
+    assert metrics.mean_std([0.5]) == {"mean": 0.5, "std": 0.0}
+
+
+def test_protocol_on_a_known_model(oracle_data):
+    result = evaluate(Oracle(), oracle_data, "test", seed=3)
+    labels = oracle_data.labels[oracle_data.indices("test")]
+    without_a = (labels == 0).float().mean().item()
+    for subset, acc in result["subset_accuracy"].items():
+        assert acc == pytest.approx(1.0 if "a" in subset.split("+") else without_a), subset
+    assert list(result["subset_accuracy"]) == ["a", "b", "c", "a+b", "a+c", "b+c", "a+b+c"]
+    assert result["clean_accuracy"] == 1.0
+    assert result["mean_missing_accuracy"] == pytest.approx((3 + 3 * without_a) / 6)
+    assert result["worst_missing_accuracy"] == pytest.approx(without_a)
+    curve = result["drop_rate_curve"]["accuracy"]
+    assert curve[0] == 1.0 and all(without_a - 1e-6 <= c <= 1.0 for c in curve)
+    assert curve[-1] < curve[0]
+    assert result["effective_robustness"] is None and result["reconstruction_r2"] is None
+    assert set(result["noise_accuracy"]["b"]["accuracy"]) == {1.0}  # b is ignored: noise there costs nothing
+    again = evaluate(Oracle(), oracle_data, "test", seed=3, reference_curve=curve)
+    assert again["drop_rate_curve"] == result["drop_rate_curve"] and again["effective_robustness"] == 0.0
+
+
+def test_reconstruction_r2_for_decoding_models():
+    from modalimmune.models import build_model
+
+    data = tiny_dataset()
+    model = build_model("mlp", data.spec, data.num_classes, decode=True)
+    result = evaluate(model, data)
+    assert set(result["reconstruction_r2"]) == set(data.modalities)
+    assert all(math.isfinite(v) and v <= 1 for v in result["reconstruction_r2"].values())
+
+
+def test_evaluate_bad_input(oracle_data):
+    with pytest.raises(ValueError, match="split: expected one of"):
+        evaluate(Oracle(), oracle_data, "dev")
+    with pytest.raises(ValueError, match="model: its modalities"):
+        evaluate(Oracle(), tiny_dataset())
+    with pytest.raises(TypeError, match="dataset: expected a MultimodalDataset"):
+        evaluate(Oracle(), {"a": 1})
+
+
+def test_report_layout_and_files(oracle_data, tmp_path):
+    runs = {"erm": [evaluate(Oracle(), oracle_data, seed=s) for s in (0, 1)]}
+    for r in runs["erm"]:
+        r["effective_robustness"] = 0.0
+    report = build_report("toy", oracle_data.modalities, [0, 1], runs)
+    assert set(report) == {"dataset", "modalities", "seeds", "methods"}
+    entry = report["methods"]["erm"]
+    assert set(entry) == {"clean_accuracy", "subset_accuracy", "mean_missing_accuracy", "worst_missing_accuracy",
+                          "drop_rate_curve", "drop_rate_auc", "relative_robustness", "effective_robustness"}
+    assert entry["clean_accuracy"] == {"mean": 1.0, "std": 0.0}
+    assert set(entry["drop_rate_curve"]) == {"rates", "accuracy"}
+    assert all(set(f) == {"mean", "std"} for f in entry["drop_rate_curve"]["accuracy"])
+    paths = write_report(str(tmp_path), report, runs)
+    assert json.loads(open(paths["json"]).read()) == report
+    text = markdown(report, runs)
+    assert "| erm | 100.0 ± 0.0 |" in text and "| a+b |" in text
+    for key in ("drop_rate_plot", "subset_plot"):
+        assert open(paths[key], "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,205 @@
+"""lowrank_svd: accuracy against torch.linalg.svd in float64, every backend against the
+reference, autograd, degenerate inputs, opcheck, compile, bad input."""
+
+import pytest
+import torch
+
+from modalimmune import ops
+from modalimmune.backend import unavailable_reason
+import importlib
+
+lr = importlib.import_module("modalimmune.ops.lowrank_svd")
+
+SPECTRA = {
+    "harmonic": lambda r: 1.0 / torch.arange(1, r + 1, dtype=torch.float64),
+    "geometric": lambda r: 0.7 ** torch.arange(r, dtype=torch.float64),
+    "low_rank": lambda r: torch.cat([torch.linspace(3, 1, 6, dtype=torch.float64), torch.zeros(r - 6, dtype=torch.float64)]),
+    "low_rank_noise": lambda r: torch.cat([torch.linspace(3, 1, 6, dtype=torch.float64), torch.full((r - 6,), 1e-3, dtype=torch.float64)]),
+}
+
+
+def random_orthonormal(*shape, dtype=torch.float64):
+    return torch.linalg.qr(torch.randn(*shape, dtype=dtype))[0]
+
+
+def with_spectrum(batch, n, d, spectrum):
+    """Matrices U diag(spectrum) V^T with random singular vectors, float64."""
+    r = min(n, d)
+    U, V = random_orthonormal(*batch, n, r), random_orthonormal(*batch, d, r)
+    return (U * spectrum) @ V.mT
+
+
+def rel_err(S, exact):
+    return ((S - exact).abs() / exact.clamp_min(1e-300)).amax(-1)
+
+
+def principal_sines(basis, exact):
+    """sin of the largest principal angle between span(basis) and span(exact) (orthonormal columns)."""
+    return torch.linalg.matrix_norm(basis - exact @ (exact.mT @ basis), ord=2)
+
+
+@pytest.mark.parametrize("name", sorted(SPECTRA))
+@pytest.mark.parametrize("batch", [(5,), (2, 3)])
+def test_accuracy_against_full_svd(name, batch, capsys):
+    n, d, k, oversample, niter = 90, 60, 6, 8, 2
+    A = with_spectrum(batch, n, d, SPECTRA[name](min(n, d)))
+    U, S, V = ops.lowrank_svd(A, k, oversample=oversample, niter=niter, backend="torch")
+    Uf, Sf, Vh = torch.linalg.svd(A, full_matrices=False)
+    err = rel_err(S, Sf[..., :k])
+    angle_v = principal_sines(V, Vh.mT[..., :k])
+    angle_u = principal_sines(U, Uf[..., :k])
+    _, St, _ = torch.svd_lowrank(A.reshape(-1, n, d), q=k + oversample, niter=niter)
+    err_torch = rel_err(St[..., :k], Sf.reshape(-1, min(n, d))[..., :k])
+    with capsys.disabled():
+        print(f"\n{name} {batch}: max rel err of S {err.max():.2e} (svd_lowrank {err_torch.max():.2e}); "
+              f"largest principal angle sin U {angle_u.max():.2e} V {angle_v.max():.2e}")
+    assert err.mean() <= max(1e-3, 1.5 * err_torch.mean())
+    eye = torch.eye(k, dtype=A.dtype)
+    torch.testing.assert_close(V.mT @ V, eye.expand_as(V.mT @ V), atol=1e-10, rtol=0)
+    if name != "low_rank":  # only 6 nonzero singular values: the rest of U is 0
+        torch.testing.assert_close(U.mT @ U, eye.expand_as(U.mT @ U), atol=1e-8, rtol=0)
+    if name in ("geometric", "low_rank", "low_rank_noise"):  # a gap after k: the subspace is found
+        assert angle_v.max() < 1e-4 and angle_u.max() < 1e-4
+
+
+def test_rank_bounds_and_clamping():
+    A = torch.randn(7, 5, dtype=torch.float64)
+    U, S, V = ops.lowrank_svd(A, 5, oversample=100, backend="torch")  # q clamped to min(n, d): exact
+    torch.testing.assert_close(S, torch.linalg.svdvals(A))
+    assert U.shape == (7, 5) and S.shape == (5,) and V.shape == (5, 5)
+
+
+BACKEND_SHAPES = [((3,), 37, 29, 4), ((2, 2), 20, 45, 3), ((), 64, 16, 8)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch,n,d,k", BACKEND_SHAPES)
+def test_backend_matches_reference(backend_device, dtype, batch, n, d, k):
+    backend, device = backend_device
+    spectrum = torch.cat([torch.linspace(10, 5, k, dtype=torch.float64), 0.5 ** torch.arange(1, min(n, d) - k + 1)])
+    A = with_spectrum(batch, n, d, spectrum).to(device=device, dtype=dtype)
+    seed = int(torch.randint(0, 2 ** 31, ()))
+    U, S, V = ops.lowrank_svd(A, k, generator=torch.Generator(device).manual_seed(seed), backend=backend)
+    Ur, Sr, Vr = ops.lowrank_svd(A, k, generator=torch.Generator(device).manual_seed(seed), backend="torch")
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(S, Sr, rtol=tol, atol=tol)
+    # separated spectrum: the vectors agree, sign convention included
+    torch.testing.assert_close(U, Ur, rtol=0, atol=50 * tol)
+    torch.testing.assert_close(V, Vr, rtol=0, atol=50 * tol)
+    exact = torch.linalg.svdvals(A.double())[..., :k]
+    torch.testing.assert_close(S.double(), exact, rtol=tol, atol=tol)
+    assert S.dtype == dtype and U.device.type == device
+
+
+def test_same_generator_state_same_result(backend_device):
+    backend, device = backend_device
+    A = torch.randn(3, 30, 20, device=device)
+    first = ops.lowrank_svd(A, 4, generator=torch.Generator(device).manual_seed(7), backend=backend)
+    second = ops.lowrank_svd(A, 4, generator=torch.Generator(device).manual_seed(7), backend=backend)
+    for x, y in zip(first, second):
+        assert torch.equal(x, y)
+
+
+def test_half_inputs_computed_in_float32():
+    A = torch.randn(4, 40, 24)
+    U, S, V = ops.lowrank_svd(A.bfloat16(), 3, backend="torch")
+    assert S.dtype == torch.bfloat16
+    exact = torch.linalg.svdvals(A.bfloat16().double())[..., :3]
+    torch.testing.assert_close(S.double(), exact, rtol=2e-2, atol=0)
+
+
+def _exact_rank(n, d):
+    """A random (n, d) float64 matrix with a well separated spectrum."""
+    r = min(n, d)
+    return with_spectrum((), n, d, torch.linspace(4, 1, r, dtype=torch.float64)).requires_grad_()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_gradcheck(backend):
+    if unavailable_reason(backend, "cpu"):
+        pytest.skip(unavailable_reason(backend, "cpu"))
+    seed = int(torch.randint(0, 2 ** 31, ()))
+    # q = min(n, d): the subspace is exact, so finite differences see the true SVD
+    for n, d, k in [(7, 5, 3), (4, 6, 2)]:
+        A = _exact_rank(n, d)
+        call = lambda a, out: ops.lowrank_svd(a, k, generator=torch.Generator().manual_seed(seed), backend=backend)[out]  # noqa: E731
+        assert torch.autograd.gradcheck(lambda a: call(a, 1), (A,))
+        # vectors up to sign: weight each by a sign-invariant function
+        assert torch.autograd.gradcheck(lambda a: (call(a, 0) * call(a, 2).sum(-2, keepdim=True).sign()), (A,))
+        assert torch.autograd.gradcheck(lambda a: call(a, 0) @ call(a, 2).mT, (A,))
+
+
+@pytest.mark.parametrize("case", ["zero", "rank_one", "repeated", "two_by_two", "three_by_two"])
+def test_degenerate_inputs_are_finite(backend_device, case):
+    backend, device = backend_device
+    make = {
+        "zero": lambda: torch.zeros(2, 8, 6),
+        "rank_one": lambda: torch.randn(2, 8, 1) @ torch.randn(2, 1, 6),
+        "repeated": lambda: with_spectrum((2,), 8, 6, torch.ones(6, dtype=torch.float64)).float(),
+        "two_by_two": lambda: torch.randn(2, 2, 2),
+        "three_by_two": lambda: torch.randn(2, 3, 2),
+    }
+    A = make[case]().to(device).requires_grad_()
+    k = min(A.shape[-2:])
+    U, S, V = ops.lowrank_svd(A, k, backend=backend)
+    (U.sum() + S.sum() + V.sum()).backward()
+    for t in (U, S, V, A.grad):
+        assert torch.isfinite(t).all()
+    torch.testing.assert_close(S.double().cpu(), torch.linalg.svdvals(A.detach().double().cpu()), rtol=1e-4, atol=1e-5)
+
+
+def test_svd_backward_matches_autograd_of_full_svd():
+    A = _exact_rank(9, 6)
+    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    V = Vh.mT
+    for which in range(3):
+        grads = [torch.zeros_like(U), torch.zeros_like(S), torch.zeros_like(V)]
+        grads[which] = torch.randn_like(grads[which])
+        grads[which][..., 4:] = 0  # as a top-4 result sees it
+        loss = sum((out * g).sum() for out, g in zip((U, S, V), grads))
+        (expected,) = torch.autograd.grad(loss, A, retain_graph=True)
+        torch.testing.assert_close(lr.svd_backward(U.detach(), S.detach(), V.detach(), *grads), expected)
+
+
+def test_opcheck():
+    A = torch.randn(2, 12, 9, dtype=torch.float64)
+    omega = torch.randn(2, 12, 6, dtype=torch.float64)
+    ops_to_check = [lr.lowrank_svd_triton] if not unavailable_reason("triton", "cpu") else []
+    if not unavailable_reason("cpp", "cpu"):
+        ops_to_check.append(torch.ops.modalimmune.lowrank_svd.default)
+    assert ops_to_check
+    for op in ops_to_check:
+        torch.library.opcheck(op, (A, omega, 3, 1), test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_compile_fullgraph(backend):
+    if unavailable_reason(backend, "cpu"):
+        pytest.skip(unavailable_reason(backend, "cpu"))
+    A = with_spectrum((3,), 20, 12, 0.5 ** torch.arange(12, dtype=torch.float64)).float()
+
+    def top(a):
+        U, S, V = ops.lowrank_svd(a, 3, backend=backend)
+        return S, U @ torch.diag_embed(S) @ V.mT
+
+    torch._dynamo.reset()
+    S, approx = torch.compile(top, fullgraph=True)(A)
+    torch.testing.assert_close(S, torch.linalg.svdvals(A)[..., :3], rtol=1e-4, atol=1e-5)
+    Uf, Sf, Vh = torch.linalg.svd(A)
+    torch.testing.assert_close(approx, Uf[..., :3] @ torch.diag_embed(Sf[..., :3]) @ Vh[..., :3, :], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("args,kwargs,error,match", [
+    ((torch.randn(5, 4), 5), {}, ValueError, "k: expected 1 <= k <= min"),
+    ((torch.randn(5, 4), 0), {}, ValueError, "k: expected 1 <= k"),
+    ((torch.randn(5), 1), {}, ValueError, "A: expected a tensor of shape"),
+    ((torch.ones(5, 4, dtype=torch.int64), 1), {}, TypeError, "A: expected float32"),
+    ((torch.randn(5, 4), 2.0), {}, TypeError, "k: expected an int"),
+    ((torch.randn(5, 4), 2), {"niter": -1}, ValueError, "niter: expected an int >= 0"),
+    ((torch.randn(5, 4), 2), {"oversample": -3}, ValueError, "oversample"),
+    ((torch.randn(5, 4), 2), {"backend": "nope"}, ValueError, "backend"),
+    (([[1.0]], 1), {}, TypeError, "A: expected a Tensor"),
+])
+def test_bad_input(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ops.lowrank_svd(*args, **kwargs)

@@ -1,0 +1,185 @@
+"""method="modalimmune": masking and hypergradient wired, ablations, whole-state checkpoint/resume."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import modalimmune.method.immune as immune
+from modalimmune.method.masker import CurvatureMasker
+from modalimmune.models import build_model
+from modalimmune.train import Trainer, build_method
+from modalimmune.train.methods import StepContext
+from test_data import single_thread, tiny_dataset  # noqa: F401 (autouse fixture)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return tiny_dataset(n=90)
+
+
+def make(data, method, out_dir=None, model_seed=0, **fields):
+    torch.manual_seed(model_seed)
+    model = build_model("mlp", data.spec, data.num_classes, hidden=16, embed_dim=8, fused_dim=16)
+    fields = {"epochs": 2, "batch_size": 16, "progress": False, "patience": 0, "method": method, **fields}
+    return Trainer(model, data, out_dir=out_dir, **fields)
+
+
+def one_step(trainer, step=0):
+    """One training step of the trainer's method on its first training batch; p.grad holds the result."""
+    trainer.optimizer.zero_grad(set_to_none=True)
+    batch = trainer.dataset.batch(trainer.dataset.indices("train")[:16])
+    ctx = StepContext(trainer.params, 1.0, step, 0, trainer.config.epochs)
+    return trainer.method.training_step(trainer.model, batch, ctx)
+
+
+def test_mask_is_applied_to_the_gradient(data, monkeypatch):
+    trainer = make(data, "modalimmune[probe_every=0,hypergrad=off]")
+    method = trainer.method
+    for d in method.masker.curvature:  # every coordinate sharply curved: disagreements are blocked
+        d.fill_(1.0)
+    method.masker.tau = 0.5
+    seen = {}
+    original = CurvatureMasker.apply
+
+    def spy(self, g_c, g_d, probe=None):
+        seen.update(g_c=[g.clone() for g in g_c], g_d=[g.clone() for g in g_d])
+        return original(self, g_c, g_d, probe)
+    monkeypatch.setattr(CurvatureMasker, "apply", spy)
+    logs = one_step(trainer)
+    assert seen, "the curvature mask was never applied"
+    blocked = 0
+    for p, g_c, g_d in zip(trainer.params, seen["g_c"], seen["g_d"]):
+        agree = g_c * g_d >= 0
+        torch.testing.assert_close(p.grad, g_c + torch.where(agree, g_d, torch.zeros_like(g_d)))
+        blocked += int((~agree).sum())
+    assert blocked > 0 and logs["mask/masked_fraction"] == pytest.approx(
+        blocked / sum(p.numel() for p in trainer.params))
+    assert sum(float(g.abs().sum()) for g in seen["g_d"]) > 0  # the destructive part is not empty
+
+
+def test_mask_off_adds_the_full_destructive_gradient(data):
+    trainer = make(data, "modalimmune[mask=off,hypergrad=off]")
+    assert trainer.method.masker is None
+    logs = one_step(trainer)
+    assert "mask/masked_fraction" not in logs and all(p.grad is not None for p in trainer.params)
+
+
+def test_probe_updates_the_curvature(data):
+    trainer = make(data, "modalimmune[probe_every=1,hypergrad=off]")
+    one_step(trainer)
+    assert sum(float(d.abs().sum()) for d in trainer.method.masker.curvature) > 0
+    assert trainer.method.masker.tau < float(torch.finfo(torch.float32).max)
+
+
+def test_hypergradient_moves_phi_when_certified(data, monkeypatch):
+    trainer = make(data, "modalimmune[hyper_every=1,hyper_lr=0.1]")
+    method = trainer.method
+    calls = []
+    original = immune.implicit_hypergradient
+
+    def spy(*args, **kwargs):
+        g, cert = original(*args, **kwargs)
+        calls.append((g, cert, kwargs))
+        return g, cert
+    monkeypatch.setattr(immune, "implicit_hypergradient", spy)
+    before = method.phi.detach().clone()
+    one_step(trainer, step=0)  # no hypergradient on the first step
+    assert not calls
+    logs = one_step(trainer, step=1)
+    assert len(calls) == 1
+    (g,), cert, kwargs = calls[0]
+    assert kwargs["curvature"] == "ggn" and cert.certified, cert.reason
+    encoders = {id(p) for p in trainer.model.encoders.parameters()}
+    assert [id(p) for p in method.hyper_targets] == [id(p) for p in trainer.params if id(p) not in encoders]
+    # first RMS-normalised step: each coordinate moves by hyper_lr * sign(g) (clamped)
+    expected = (before - 0.1 * torch.sign(g)).clamp(*immune.LOG_LAMBDA_RANGE)
+    torch.testing.assert_close(method.phi.detach(), torch.where(g == 0, before, expected))
+    assert logs["hyper/applied"] == 1.0 and logs["hyper/certified"] == 1.0 and logs["hyper/iterations"] > 0
+
+
+def test_uncertified_hypergradient_leaves_phi_unchanged(data):
+    trainer = make(data, "modalimmune[hyper_every=1,hyper_tol=1e-12,hyper_iters=2]")
+    before = trainer.method.phi.detach().clone()
+    one_step(trainer, step=0)
+    logs = one_step(trainer, step=1)
+    assert logs["hyper/solves"] == 1.0 and logs["hyper/certified"] == 0.0 and logs["hyper/applied"] == 0.0
+    assert logs["hyper/grad_norm"] > 0
+    assert torch.equal(trainer.method.phi.detach(), before)
+
+
+def test_uncertified_by_certificate_flag_is_not_applied(data, monkeypatch):
+    trainer = make(data, "modalimmune[hyper_every=1]")
+    original = immune.implicit_hypergradient
+
+    def refuse(*args, **kwargs):
+        g, cert = original(*args, **kwargs)
+        return g, dataclasses.replace(cert, certified=False, reason="test")
+    monkeypatch.setattr(immune, "implicit_hypergradient", refuse)
+    before = trainer.method.phi.detach().clone()
+    one_step(trainer, step=1)
+    assert torch.equal(trainer.method.phi.detach(), before)
+
+
+def test_hypergrad_off_never_solves(data, monkeypatch):
+    trainer = make(data, "modalimmune[hyper_every=1,hypergrad=off]")
+    monkeypatch.setattr(immune, "implicit_hypergradient", lambda *a, **k: pytest.fail("solved with hypergrad=off"))
+    for step in range(3):
+        one_step(trainer, step)
+
+
+@pytest.mark.parametrize("options", [
+    "controller=shapley", "controller=uniform,collapse=zero,mask=soft", "collapse=fixed_rank,hypergrad=off",
+    "intervention=remove,max_targets=2,budget=1.5", "intervention=noise", "intervention=token_dropout"])
+def test_ablations_train(data, options):
+    trainer = make(data, f"modalimmune[{options},hyper_every=2]", epochs=1)
+    summary = trainer.fit()
+    assert summary["finished"] and all(torch.isfinite(p).all() for p in trainer.params)
+    assert trainer.method.controller.counts.sum() > 0 or trainer.method.controller.estimator == "uniform"
+
+
+def test_controller_estimates_are_logged(data):
+    trainer = make(data, "modalimmune[hypergrad=off]")
+    logs = one_step(trainer)
+    for name in data.modalities:
+        assert logs[f"ig/{name}"] >= 0 and 0 <= logs[f"strength/{name}"] <= 1 and f"target/{name}" in logs
+    assert sum(logs[f"target/{name}"] > 0 for name in data.modalities) == 1
+    assert trainer.method.controller.counts.tolist() == [1] * len(data.modalities)
+
+
+def test_resume_restores_the_whole_method_state(data, tmp_path):
+    spec = "modalimmune[hyper_every=3,probe_every=2]"
+    whole = make(data, spec, tmp_path / "whole", checkpoint_every=3)
+    whole.fit()
+    cut = make(data, spec, tmp_path / "cut", checkpoint_every=3)
+    cut.fit(max_steps=7)  # "killed" after step 7: the last checkpoint is from step 6
+    resumed = make(data, spec, tmp_path / "cut", checkpoint_every=3, model_seed=99)
+    resumed.fit(resume=True)
+    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    a, b = whole.method.state_dict(), resumed.method.state_dict()
+    assert torch.equal(a["phi"], b["phi"]) and a["hyper_count"] == b["hyper_count"] > 0
+    assert torch.equal(a["controller"]["estimates"], b["controller"]["estimates"])
+    assert all(torch.equal(x, y) for x, y in zip(a["masker"]["curvature"], b["masker"]["curvature"]))
+    assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (tmp_path / "cut" / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize("spec, name", [
+    ("modalimmune[controller=oracle]", "controller"), ("modalimmune[collapse=half]", "collapse"),
+    ("modalimmune[mask=maybe]", "mask"), ("modalimmune[hypergrad=exact]", "hypergrad"),
+    ("modalimmune[lambda_imm=-1]", "lambda_imm"), ("modalimmune[hyper_every=0]", "hyper_every"),
+    ("modalimmune[val_drop=1]", "val_drop"), ("modalimmune[speed=2]", "speed")])
+def test_bad_options(spec, name):
+    with pytest.raises(ValueError, match=name):
+        build_method(spec)
+
+
+def test_full_strength_collapse_is_the_models_missing_handling(data):
+    trainer = make(data, "modalimmune[hypergrad=off]")
+    batch = trainer.dataset.batch(trainer.dataset.indices("train")[:16])
+    embeddings = trainer.model.encode(batch)
+    present = trainer.model.all_present(batch)
+    out, out_present, _ = trainer.method.intervene(embeddings, present, batch.masks, [(0, 1.0), (1, 0.5)])
+    first, second = data.modalities[:2]
+    assert not out_present[:, 0].any() and out_present[:, 1:].all() and present.all()
+    assert out[first] is embeddings[first] and not torch.allclose(out[second], embeddings[second])

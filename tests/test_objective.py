@@ -1,0 +1,101 @@
+"""The ModalImmune objective: each term on hand-written cases, and g_c / g_d separated."""
+
+import math
+
+import pytest
+import torch
+
+from modalimmune.data.dataset import Batch, ModalitySpec
+from modalimmune.method.interventions import collapse
+from modalimmune.method.objective import (Outputs, Terms, consistency_loss, forward_pair,
+                                          normalised_effective_rank, objective_terms, reconstruction_loss,
+                                          task_loss)
+from modalimmune.models import LateFusionMLP
+from modalimmune.train.methods import forward
+
+
+def test_consistency_by_hand():
+    joint = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    tilde = torch.tensor([[1.0, 0.0], [0.0, 4.0]])
+    assert consistency_loss(joint, tilde).item() == pytest.approx((4 + 9) / 2 / 2)
+
+
+def test_task_loss_by_hand():
+    assert task_loss(torch.tensor([[0.0, 0.0], [math.log(3), 0.0]]), torch.tensor([0, 0])).item() == \
+        pytest.approx((math.log(2) + math.log(4 / 3)) / 2)
+
+
+def test_effective_rank_term_by_hand():
+    orthogonal = torch.tensor([[3.0, 0.0, 0.0, 0.0], [0.0, 3.0, 0.0, 0.0]])  # two equal singular values
+    assert normalised_effective_rank(orthogonal).item() == pytest.approx(1.0, rel=1e-4)
+    rank_one = torch.tensor([[1.0, 2.0, 0.0, 0.0], [2.0, 4.0, 0.0, 0.0]])
+    assert normalised_effective_rank(rank_one).item() == pytest.approx(0.5, rel=1e-4)
+
+
+def test_reconstruction_by_hand_with_a_stop_gradient():
+    pooled = torch.zeros(1, 2, requires_grad=True)
+    tokens = torch.tensor([[[2.0], [4.0], [100.0]]], requires_grad=True)  # the third token is padding
+    decoded = {"a": torch.tensor([[1.0, 1.0]], requires_grad=True), "b": torch.tensor([[5.0]], requires_grad=True)}
+    loss = reconstruction_loss(decoded, {"a": pooled, "b": tokens}, {"b": torch.tensor([[True, True, False]])})
+    assert loss.item() == pytest.approx(1.0 + 4.0)  # ||(1,1)||^2 / 2 + (5 - 3)^2 / 1
+    loss.backward()
+    assert pooled.grad is None and tokens.grad is None  # the targets are constants
+    torch.testing.assert_close(decoded["b"].grad, torch.tensor([[4.0]]))
+
+
+def test_destructive_combination():
+    terms = Terms(*(torch.tensor(v) for v in (1.0, 2.0, 3.0, 0.5, 7.0)))
+    weights = torch.tensor([2.0, 3.0, 5.0])
+    assert terms.destructive(weights).item() == pytest.approx(2 * 2 + 3 * 3 - 5 * 0.5)
+    assert terms.destructive(weights, rec_weight=0.1).item() == pytest.approx(2 * 2 + 3 * 3 - 5 * 0.5 + 0.7)
+
+
+def tiny_setup(decode=False):
+    spec = {"a": ModalitySpec(6), "b": ModalitySpec(4), "c": ModalitySpec(3, max_len=5)}
+    model = LateFusionMLP(spec, 3, embed_dim=8, hidden=16, fused_dim=12, dropout=0.0, decode=decode)
+    masks = {"c": torch.arange(5)[None, :] < torch.randint(1, 6, (16, 1))}
+    batch = Batch({"a": torch.randn(16, 6), "b": torch.randn(16, 4), "c": torch.randn(16, 5, 3)},
+                  torch.randint(0, 3, (16,)), masks)
+    return model, batch
+
+
+def intervened_terms(model, batch, decode=False):
+    z = model.encode(batch)
+    present = model.all_present(batch)
+    perturbed = {**z, "b": collapse(z["b"], 0.6)}
+    outputs = forward_pair(model, z, perturbed, present, present, batch.masks, decode=decode)
+    return outputs, objective_terms(outputs, batch.labels, z, batch.masks)
+
+
+def test_clean_term_is_the_erm_loss_and_its_gradient_ignores_the_intervention():
+    model, batch = tiny_setup()
+    params = list(model.parameters())
+    outputs, terms = intervened_terms(model, batch)
+    g_c = torch.autograd.grad(terms.task, params, allow_unused=True)
+    erm = forward(model, batch)
+    g_erm = torch.autograd.grad(erm.loss, params, allow_unused=True)
+    assert terms.task.item() == pytest.approx(erm.loss.item(), rel=1e-6)
+    for a, b in zip(g_c, g_erm):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
+
+
+def test_terms_against_direct_computation():
+    model, batch = tiny_setup(decode=True)
+    outputs, terms = intervened_terms(model, batch, decode=True)
+    assert isinstance(outputs, Outputs)
+    torch.testing.assert_close(terms.immunity, torch.nn.functional.cross_entropy(outputs.logits_tilde, batch.labels))
+    torch.testing.assert_close(terms.consistency, ((outputs.joint - outputs.joint_tilde) ** 2).mean())
+    singular = torch.linalg.svdvals(outputs.joint_tilde.detach().double())
+    p = singular / singular.sum() + 1e-7
+    assert terms.erank.item() == pytest.approx(torch.exp(-(p * p.log()).sum()).item() / 12, rel=1e-3)
+    assert terms.reconstruction.item() > 0
+
+
+def test_destructive_gradient_reaches_the_collapsed_encoder():
+    model, batch = tiny_setup()
+    _, terms = intervened_terms(model, batch)
+    loss = terms.destructive(torch.tensor([1.0, 1.0, 0.1]))
+    grads = torch.autograd.grad(loss, list(model.encoders["b"].parameters()))
+    assert all(torch.isfinite(g).all() for g in grads) and sum(g.abs().sum() for g in grads) > 0

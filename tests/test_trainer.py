@@ -1,0 +1,164 @@
+"""Trainer: learning, exact resume, accumulation, early stopping, checkpoints, methods."""
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from modalimmune.models import build_model
+from modalimmune.train import TrainConfig, Trainer, build_method, checkpoint, load_model, parse_method
+from modalimmune.train.methods import ogm_coefficients, split_methods
+from test_data import single_thread, tiny_dataset  # noqa: F401 (autouse fixture)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return tiny_dataset(n=90)
+
+
+def make(data, out_dir=None, seed=0, model_seed=0, **fields):
+    torch.manual_seed(model_seed)
+    model = build_model("mlp", data.spec, data.num_classes, hidden=16, embed_dim=8, fused_dim=16)
+    fields = {"epochs": 3, "batch_size": 16, "progress": False, "seed": seed, "patience": 0, **fields}
+    return Trainer(model, data, out_dir=out_dir, **fields)
+
+
+def test_training_learns_the_task(data):
+    trainer = make(data, epochs=12, lr=1e-2)
+    summary = trainer.fit()
+    assert summary["finished"] and summary["steps"] == 12 * 4
+    assert summary["best_val_accuracy"] >= 0.9
+
+
+@pytest.mark.parametrize("method", ["erm", "moddrop", "ogm_ge"])
+def test_resume_reproduces_an_uninterrupted_run(data, tmp_path, method):
+    whole = make(data, tmp_path / "whole", method=method, checkpoint_every=3)
+    whole.fit()
+    cut = make(data, tmp_path / "cut", method=method, checkpoint_every=3)
+    cut.fit(max_steps=8)  # "killed" after step 8: the last checkpoint is from step 6
+    resumed = make(data, tmp_path / "cut", method=method, checkpoint_every=3, model_seed=99)
+    resumed.fit(resume=True)
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    lines = lambda d: (d / "metrics.jsonl").read_text()  # noqa: E731
+    assert lines(tmp_path / "whole") == lines(tmp_path / "cut")
+    assert not [f for f in os.listdir(tmp_path / "cut") if f.startswith(".tmp")]
+
+
+def test_gradient_accumulation_matches_a_big_batch(data):
+    big = make(data, batch_size=16, epochs=1, max_grad_norm=0.0)
+    small = make(data, batch_size=8, grad_accum=2, epochs=1, max_grad_norm=0.0)
+    for t in (big, small):
+        t.model.eval()  # no dropout: both see the same function
+        t.model.train = lambda mode=True, m=t.model: m  # keep it that way inside fit
+    big.fit(max_steps=1)
+    small.fit(max_steps=1)
+    for a, b in zip(big.model.parameters(), small.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_early_stopping(data):
+    summary = make(data, lr=1e-12, epochs=10, patience=2).fit()
+    assert summary["stopped_early"] and summary["epochs"] == 3
+
+
+def test_metrics_jsonl_and_exported_model(data, tmp_path):
+    trainer = make(data, tmp_path, log_every=2)
+    trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {r["event"] for r in records} == {"step", "val"}
+    assert [r["step"] for r in records if r["event"] == "step"] == list(range(2, 13, 2))
+    model, state = load_model(str(tmp_path / "model.pt"), data)
+    assert state["best_val_accuracy"] == trainer.state["best_accuracy"]
+    batch = data.batch(data.indices("test"))
+    assert torch.equal(model.eval()(batch), trainer.model.eval()(batch))
+
+
+def test_bf16_autocast_on_cpu_trains(data):
+    trainer = make(data, bf16="on", epochs=1)
+    assert trainer.bf16
+    assert trainer.fit()["finished"]
+
+
+def test_checkpoint_is_atomic_and_refuses_code(tmp_path):
+    path = str(tmp_path / "c.pt")
+    checkpoint.save(path, {"x": torch.ones(2)})
+    assert torch.equal(checkpoint.load(path)["x"], torch.ones(2))
+    assert os.listdir(tmp_path) == ["c.pt"]
+    with open(path, "r+b") as file:  # truncated, as after a crash of a non-atomic writer
+        file.truncate(40)
+    with pytest.raises(ValueError, match="checkpoint: .* is not a readable modalimmune checkpoint"):
+        checkpoint.load(path)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo owned",))
+    with open(path, "wb") as file:
+        pickle.dump({"format": checkpoint.FORMAT, "x": Evil()}, file)
+    with pytest.raises(ValueError, match="checkpoint: .* not a readable"):
+        checkpoint.load(path)
+    torch.save({"other": 1}, path)
+    with pytest.raises(ValueError, match="not a modalimmune checkpoint"):
+        checkpoint.load(path)
+    with pytest.raises(FileNotFoundError, match="checkpoint: no such file"):
+        checkpoint.load(str(tmp_path / "absent.pt"))
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(data, tmp_path):
+    make(data, tmp_path, epochs=1).fit()
+    with pytest.raises(ValueError, match="checkpoint: .* another method"):
+        make(data, tmp_path, epochs=1, method="moddrop").fit(resume=True)
+
+
+def test_bad_config_and_model(data):
+    with pytest.raises(ValueError, match="config.epochs"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="config.bf16"):
+        TrainConfig(bf16="yes")
+    with pytest.raises(ValueError, match="method: unknown 'sgd'"):
+        make(data, method="sgd")
+    other = tiny_dataset(n=30)
+    other.inputs = {"x": other.inputs["a"]}
+    with pytest.raises(ValueError, match="model: its modalities"):
+        Trainer(build_model("mlp", data.spec, 3), other, progress=False)
+    with pytest.raises(TypeError, match="model: expected a module with encode"):
+        Trainer(torch.nn.Linear(2, 2), data)
+
+
+def test_method_specs():
+    assert parse_method("moddrop[p=0.25]") == ("moddrop", {"p": 0.25})
+    assert parse_method("ogm_ge[alpha=1, ge=off]") == ("ogm_ge", {"alpha": 1, "ge": False})
+    assert split_methods("erm, moddrop[p=0.1,x=2],ogm_ge") == ["erm", "moddrop[p=0.1,x=2]", "ogm_ge"]
+    assert build_method("moddrop[p=0.25]").p == 0.25
+    with pytest.raises(ValueError, match="moddrop has no option 'q'"):
+        build_method("moddrop[q=1]")
+    with pytest.raises(ValueError, match="option p must be a probability"):
+        build_method("moddrop[p=1.5]")
+    with pytest.raises(ValueError, match="method: expected NAME"):
+        parse_method("moddrop[p=1")
+
+
+def test_ogm_coefficients_generalise_peng_et_al():
+    alpha = 0.7
+    # two modalities: the leader gets 1 - tanh(alpha * s_lead / s_other), the other 1
+    k = ogm_coefficients([6.0, 3.0], alpha)
+    assert torch.allclose(k, torch.tensor([1 - torch.tanh(torch.tensor(alpha * 2.0)).item(), 1.0], dtype=k.dtype))
+    # three: each is compared with the mean of the others
+    k = ogm_coefficients([4.0, 2.0, 2.0], alpha)
+    assert k[1] == 1 and k[2] == 1
+    assert abs(k[0].item() - (1 - torch.tanh(torch.tensor(alpha * 2.0)).item())) < 1e-7
+    assert torch.equal(ogm_coefficients([1.0, 1.0, 1.0], alpha), torch.ones(3, dtype=torch.float64))
+
+
+def test_moddrop_and_ogm_change_the_gradients(data, tmp_path):
+    drop = make(data, tmp_path / "d", method="moddrop[p=0.6]", epochs=1, log_every=1)
+    drop.fit()
+    kept = [json.loads(x).get("kept_fraction") for x in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    assert 0.3 < sum(k for k in kept if k is not None) / 4 < 0.8
+    ogm = make(data, tmp_path / "o", method="ogm_ge", epochs=1, log_every=1)
+    ogm.fit()
+    records = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    coefficients = [r[f"ogm_coeff/{m}"] for r in records if r["event"] == "step" for m in data.modalities]
+    assert min(coefficients) < 1.0 and max(coefficients) == 1.0
