@@ -39,3 +39,14 @@ def reason():
     """Why the extension is unusable, or None when it loaded."""
     load()
     return _state["reason"]
+
+
+def has_op(name):
+    """Whether the loaded extension registers ``modalimmune::<name>`` (a stale build may not)."""
+    return load() is not None and hasattr(torch.ops.modalimmune, name)
+
+
+def register_fake(name, fake):
+    """Registers the fake kernel of the compiled op ``name`` when the loaded extension has it."""
+    if has_op(name):
+        torch.library.register_fake(f"modalimmune::{name}")(fake)

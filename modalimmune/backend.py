@@ -23,11 +23,12 @@ def triton_interpreted():
 _TRITON_MISSING = "Triton is not installed (pip install triton)" if importlib.util.find_spec("triton") is None else None
 
 
-def unavailable_reason(backend, device=None):
+def unavailable_reason(backend, device=None, op=None):
     """Why ``backend`` cannot run on ``device`` (None: it can).
 
     With ``device=None`` the question is whether the backend is usable at all
-    on this machine.
+    on this machine; with ``op`` (a compiled op's name) also whether the loaded
+    extension has that op.
     """
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; expected 'auto' or one of {', '.join(BACKENDS)}"
@@ -48,6 +49,8 @@ def unavailable_reason(backend, device=None):
     module = _extension.load()
     if module is None:
         return _extension.reason()
+    if op is not None and not _extension.has_op(op):
+        return f"modalimmune._C has no op {op!r}: it was built from older sources; rebuild it with `make install`"
     if backend == "cpp":
         if device is not None and device.type != "cpu":
             return f"the cpp backend runs on CPU tensors, got {device.type} tensors"
@@ -67,24 +70,25 @@ def backends():
     return {name: unavailable_reason(name) is None for name in BACKENDS}
 
 
-def resolve(backend, device):
+def resolve(backend, device, op=None):
     """The concrete backend for an op on tensors of ``device``.
 
     ``"auto"`` picks the fastest usable one: ``cuda``, then ``triton``, for GPU
     tensors; ``cpp`` for CPU tensors (the Triton interpreter is never chosen by
     itself); ``torch`` otherwise. An explicit backend that cannot serve raises
-    ``RuntimeError`` saying why.
+    ``RuntimeError`` saying why. ``op`` names the compiled op the cpp/cuda
+    backends would call.
     """
     device = torch.device(device)
     if backend == "auto":
         order = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
         for name in order:
-            if unavailable_reason(name, device) is None:
+            if unavailable_reason(name, device, op) is None:
                 return name
         return "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected 'auto' or one of {', '.join(BACKENDS)}, got {backend!r}")
-    why = unavailable_reason(backend, device)
+    why = unavailable_reason(backend, device, op)
     if why is not None:
         raise RuntimeError(f"backend={backend!r} cannot run here: {why}")
     return backend

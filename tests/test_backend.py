@@ -100,3 +100,12 @@ def test_info_command_lists_versions_and_backends():
     for name, usable in modalimmune.backends().items():
         line = next(l for l in result.stdout.splitlines() if l.strip().startswith(name + " "))
         assert ("unusable:" not in line) == usable
+
+
+@pytest.mark.skipif(not modalimmune.backends()["cpp"], reason="needs the compiled extension")
+def test_stale_extension_without_an_op_is_not_used():
+    """An extension built from older sources lacks newer ops: cpp is refused for them, auto falls back."""
+    assert backend.unavailable_reason("cpp", "cpu", op="no_such_op").startswith("modalimmune._C has no op")
+    assert backend.resolve("auto", "cpu", op="no_such_op") == "torch"
+    with pytest.raises(RuntimeError, match="older sources"):
+        backend.resolve("cpp", "cpu", op="no_such_op")

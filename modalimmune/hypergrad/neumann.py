@@ -101,7 +101,7 @@ def _validate_args(v, damping, alpha, tol, max_iter, power_iters, capture, check
         raise ValueError(f"capture: CUDA graphs need CUDA tensors, got v on {device}; use capture=False")
     if check_every is not None:
         _positive_int("check_every", check_every)
-    impl = _backends.resolve(backend, device)
+    impl = _backends.resolve(backend, device, "neumann_update")
     return v, single, damping, tol, impl
 
 

@@ -25,7 +25,6 @@ HIST_BINS = 256
 HIST_MIN_EXP = -40
 _HIST_OFFSET = (127 + HIST_MIN_EXP) << 2
 MODES = ("hard", "soft")
-_OP = "modalimmune::curvature_mask"
 
 
 class MaskStats(NamedTuple):
@@ -142,7 +141,7 @@ def curvature_mask_(grads_clean, grads_destr, curvature, probe=None, *, beta=0.9
         _backends.resolve(backend, "cpu")
         zeros = torch.zeros(3, dtype=torch.float64)
         return _stats(zeros, torch.zeros(HIST_BINS, dtype=torch.int64), 0)
-    impl = _backends.resolve(backend, grads_clean[0].device)
+    impl = _backends.resolve(backend, grads_clean[0].device, "curvature_mask")
     soft = mode == "soft"
     if impl == "torch":
         stats, hist = curvature_mask_reference(grads_clean, grads_destr, curvature, probe, beta, tau, soft)
@@ -183,5 +182,4 @@ def curvature_mask_triton(grads_clean, grads_destr, curvature, probe, beta, tau,
 curvature_mask_triton.register_fake(_fake)
 
 
-if _extension.load() is not None:
-    torch.library.register_fake(_OP)(_fake)
+_extension.register_fake("curvature_mask", _fake)

@@ -21,7 +21,6 @@ from .. import backend as _backends
 from . import _validate
 
 VECTOR_DTYPES = (torch.float32, torch.float64)
-_OP = "modalimmune::neumann_update"
 
 
 def neumann_update_reference(v, p, w, alpha, damping):
@@ -86,7 +85,7 @@ def neumann_update_(v, p, w, alpha, *, damping=0.0, backend="auto"):
     if not v:
         _backends.resolve(backend, "cpu")
         return torch.zeros(2, dtype=torch.float64)
-    impl = _backends.resolve(backend, v[0].device)
+    impl = _backends.resolve(backend, v[0].device, "neumann_update")
     if impl == "torch":
         return neumann_update_reference(v, p, w, alpha, damping)
     if impl == "triton":
@@ -112,5 +111,4 @@ def neumann_update_triton(v, p, w, alpha, damping):
 neumann_update_triton.register_fake(_fake)
 
 
-if _extension.load() is not None:
-    torch.library.register_fake(_OP)(_fake)
+_extension.register_fake("neumann_update", _fake)
