@@ -74,7 +74,7 @@ class ModalImmune(Method):
                  temperature=0.05, epsilon=0.2, s_min=0.3, s_max=1.0, momentum=0.9, max_targets=1, budget=0.0,
                  ig_every=1, erank_k=16, quantile=0.9, beta=0.99, probe_every=10,
                  hyper_every=25, hyper_lr=0.1, hyper_max_step=0.5, hyper_damping=1.0, hyper_tol=0.05,
-                 hyper_iters=50, hyper_params="fusion_head", val_drop=0.5, val_batches=1):
+                 hyper_iters=50, hyper_power_iters=5, hyper_params="fusion_head", val_drop=0.5, val_batches=1):
         self.controller_kind = _option("controller", controller, ESTIMATORS)
         self.collapse_mode = _option("collapse", collapse, COLLAPSES)
         self.mask = _option("mask", mask, MASKS)
@@ -92,6 +92,7 @@ class ModalImmune(Method):
         self.erank_k = _positive("erank_k", erank_k, integer=True)
         self.hyper_every = _positive("hyper_every", hyper_every, integer=True)
         self.hyper_iters = _positive("hyper_iters", hyper_iters, integer=True)
+        self.hyper_power_iters = _positive("hyper_power_iters", hyper_power_iters, integer=True)
         self.val_batches = _positive("val_batches", val_batches, integer=True)
         self.hyper_lr, self.hyper_max_step, self.hyper_damping, self.hyper_tol = (
             _positive(n, v) for n, v in (("hyper_lr", hyper_lr), ("hyper_max_step", hyper_max_step),
@@ -117,6 +118,7 @@ class ModalImmune(Method):
         self.dataset, self.batch_size, self.device = trainer.dataset, trainer.config.batch_size, trainer.device
         self.val_seed = seed + 32452843
         self.val_cursor, self.val_pass, self.last_hyper_step = 0, 0, -1
+        self.power_init = []  # the last solve's top eigenvector: warm start of the next power iteration
         self.hyper_log = {"hyper/applied": 0.0, "hyper/certified": 0.0, "hyper/iterations": 0.0,
                           "hyper/residual_ratio": 0.0, "hyper/error_bound": 0.0, "hyper/grad_norm": 0.0,
                           "hyper/solves": 0.0, "hyper/applied_total": 0.0}
@@ -126,7 +128,8 @@ class ModalImmune(Method):
                 "hyper_sq": self.hyper_sq.clone(), "hyper_count": self.hyper_count,
                 "masker": self.masker.state_dict() if self.masker else {},
                 "val_cursor": self.val_cursor, "val_pass": self.val_pass,
-                "last_hyper_step": self.last_hyper_step, "hyper_log": dict(self.hyper_log)}
+                "last_hyper_step": self.last_hyper_step, "hyper_log": dict(self.hyper_log),
+                "power_init": [t.clone() for t in self.power_init]}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
@@ -140,6 +143,7 @@ class ModalImmune(Method):
         self.val_cursor, self.val_pass = int(state["val_cursor"]), int(state["val_pass"])
         self.last_hyper_step = int(state["last_hyper_step"])
         self.hyper_log = {k: float(v) for k, v in state["hyper_log"].items()}
+        self.power_init = [t.to(self.device) for t in state["power_init"]]
 
     def lambdas(self):
         return self.phi.detach().exp()
@@ -253,9 +257,11 @@ class ModalImmune(Method):
         try:
             (g,), cert = implicit_hypergradient(inner_loss, outer_loss, self.hyper_targets, [self.phi],
                                                 curvature="ggn", damping=self.hyper_damping, tol=self.hyper_tol,
-                                                max_iter=self.hyper_iters)
+                                                max_iter=self.hyper_iters, power_iters=self.hyper_power_iters,
+                                                power_init=self.power_init or None)
         finally:
             model.train(was_training)
+        self.power_init = [t.detach().clone() for t in cert.eigvec] if cert.eigvec else []
         norm = float(g.norm())
         applied = cert.certified and math.isfinite(norm)
         if applied:  # an RMS-normalised step (each log-weight moves at most hyper_max_step)
