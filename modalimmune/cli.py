@@ -10,6 +10,7 @@ import torch
 
 from . import _extension
 from .backend import BACKENDS, unavailable_reason
+from .train.trainer import NonFiniteError
 
 
 def info_lines():
@@ -86,16 +87,22 @@ def _set_threads(args):
 def _train(args):
     from .data import load_dataset
     from .models import build_model
-    from .train import TrainConfig, Trainer, seed_everything
+    from .train import TrainConfig, Trainer, distributed, seed_everything
 
     _set_threads(args)
     config = TrainConfig(method=args.method, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                         **_training_config(args))
+                         max_nonfinite_steps=args.max_nonfinite_steps, **_training_config(args))
     dataset = load_dataset(args.dataset, split_seed=config.split_seed)
-    seed_everything(config.seed)
-    model = build_model(config.model, dataset.spec, dataset.num_classes, **config.model_options)
-    summary = Trainer(model, dataset, config, out_dir=args.out).fit(resume=args.resume)
-    print(json.dumps(summary))
+    wants_cuda = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
+    distributed.init_from_env("cuda" if wants_cuda else "cpu")  # under torchrun: join its process group
+    try:
+        seed_everything(config.seed)
+        model = build_model(config.model, dataset.spec, dataset.num_classes, **config.model_options)
+        summary = Trainer(model, dataset, config, out_dir=args.out).fit(resume=args.resume)
+        if distributed.is_main():
+            print(json.dumps({**summary, "world_size": distributed.world_size()}))
+    finally:
+        distributed.shutdown()
     return 0
 
 
@@ -141,6 +148,8 @@ def build_parser():
     train.add_argument("--checkpoint-every", type=int, default=0,
                        help="optimizer steps between checkpoints (0: at the end of each epoch)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists")
+    train.add_argument("--max-nonfinite-steps", type=int, default=10,
+                       help="stop after this many non-finite steps in a row (each is skipped; 0: never stop)")
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser("eval", help="the evaluation protocol on a trained model.pt")
@@ -167,7 +176,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, FileNotFoundError, NonFiniteError) as error:
         parser.exit(2, f"modalimmune {args.command}: error: {error}\n")
 
 

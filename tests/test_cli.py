@@ -29,7 +29,7 @@ def test_train_then_eval(npz, tmp_path, capsys):
                      "--seed", "1", "--out", str(out), "--no-progress")
     first = json.loads(text)
     assert code == 0 and first["finished"] and first["epochs"] == 2
-    assert {p.name for p in out.iterdir()} == {"model.pt", "checkpoint.pt", "metrics.jsonl"}
+    assert {p.name for p in out.iterdir()} == {"model.pt", "checkpoint.pt", "checkpoint.pt.prev", "metrics.jsonl"}
     code, text = run(capsys, "train", "--dataset", npz, "--method", "moddrop[p=0.3]", "--epochs", "2",
                      "--seed", "1", "--out", str(out), "--no-progress", "--resume")
     assert code == 0 and json.loads(text)["steps"] == first["steps"]  # finished: nothing more to do

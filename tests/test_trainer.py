@@ -100,7 +100,7 @@ def test_checkpoint_is_atomic_and_refuses_code(tmp_path):
     with pytest.raises(ValueError, match="checkpoint: .* not a readable"):
         checkpoint.load(path)
     torch.save({"other": 1}, path)
-    with pytest.raises(ValueError, match="not a modalimmune checkpoint"):
+    with pytest.raises(ValueError, match="no checksum header"):
         checkpoint.load(path)
     with pytest.raises(FileNotFoundError, match="checkpoint: no such file"):
         checkpoint.load(str(tmp_path / "absent.pt"))

@@ -39,6 +39,7 @@ class TrainConfig:
     log_every: int = 10                # optimizer steps between JSONL step records
     progress: bool = True              # tqdm bar (also off when stderr is not a terminal)
     rec_weight: float = 0.0            # weight of the reconstruction loss of models that decode
+    max_nonfinite_steps: int = 10      # non-finite steps in a row (each skipped) before training stops; 0: never
     model: str = "mlp"
     model_options: dict = field(default_factory=dict)
 
@@ -47,7 +48,7 @@ class TrainConfig:
             raise ValueError(f"config.method: expected a method name, got {self.method!r}")
         for name in ("epochs", "batch_size", "grad_accum", "log_every"):
             _int(name, getattr(self, name), 1)
-        for name in ("patience", "seed", "split_seed", "checkpoint_every"):
+        for name in ("patience", "seed", "split_seed", "checkpoint_every", "max_nonfinite_steps"):
             _int(name, getattr(self, name), 0)
         _float("lr", self.lr, 0, low_open=True)
         _float("weight_decay", self.weight_decay, 0)
@@ -56,6 +57,12 @@ class TrainConfig:
         _float("rec_weight", self.rec_weight, 0)
         if self.bf16 not in ("auto", "on", "off"):
             raise ValueError(f"config.bf16: expected 'auto', 'on' or 'off', got {self.bf16!r}")
+        if not isinstance(self.progress, bool):
+            raise ValueError(f"config.progress: expected True or False, got {self.progress!r}")
+        if not isinstance(self.device, str):
+            raise ValueError(f"config.device: expected a device name such as 'cpu' or 'cuda', got {self.device!r}")
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"config.model: expected a model name, got {self.model!r}")
         if not isinstance(self.model_options, dict):
             raise ValueError(f"config.model_options: expected a dict, got {type(self.model_options).__name__}")
 
@@ -64,6 +71,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values):
+        if not isinstance(values, dict):
+            raise ValueError(f"config: expected a dict of fields, got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:

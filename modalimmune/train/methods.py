@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..data.missing import random_present
 from ..models.base import pool
+from . import distributed
 
 METHODS = {}
 
@@ -93,6 +94,16 @@ class StepContext:
     epoch: int
     epochs: int
     rec_weight: float = 0.0
+    rank_weight: float = 1.0  # this rank's share of the batch (1 in a single process)
+
+    def reduce_mean(self, tensors):
+        """For methods with ``reduces_gradients = True``: the batch mean over all ranks of
+        per-rank batch means (weighted by each rank's share), in place; a no-op in one process.
+        Use it on g_c, g_d and a Hutchinson probe before a decision that depends on them."""
+        if distributed.is_distributed():
+            torch._foreach_mul_(tensors, self.rank_weight)
+            distributed.all_reduce_sum(tensors)
+        return tensors
 
     def backward(self, loss):
         (loss * self.loss_scale).backward()
@@ -136,6 +147,7 @@ def forward(model, batch, present=None, rec_weight=0.0):
 
 class Method:
     name = None
+    reduces_gradients = False  # True: the method combines the ranks' gradients itself (ctx.reduce_mean)
 
     def setup(self, model, trainer):
         device = next(model.parameters()).device
@@ -221,7 +233,7 @@ class OGMGE(Method):
                 present[:, i] = True
                 probs = model.head(model.fuse(embeddings, present, batch.masks)).float().softmax(-1)
                 scores.append(probs.gather(1, batch.labels[:, None]).sum().item())
-        return scores
+        return distributed.sum_floats(scores)  # the whole batch's scores under torchrun
 
     def training_step(self, model, batch, ctx):
         out = forward(model, batch, rec_weight=ctx.rec_weight)

@@ -1,6 +1,8 @@
 """Trainer: AdamW with warm-up and cosine decay, gradient accumulation, bf16
 autocast where supported, early stopping on validation accuracy, JSONL
-metrics, atomic checkpoints and exact resume (docs/benchmark.md, "Training")."""
+metrics, atomic checksummed checkpoints and exact resume (docs/benchmark.md,
+"Training"), data-parallel training under torchrun and skipping of
+non-finite steps (docs/distributed.md)."""
 
 import contextlib
 import copy
@@ -10,12 +12,13 @@ import os
 import random
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import TrainConfig
 from .methods import StepContext, build_method
 
@@ -30,9 +33,16 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+class NonFiniteError(RuntimeError):
+    """Training met too many non-finite losses or gradients in a row."""
+
+
 def resolve_device(device):
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and distributed.is_distributed():
+            return torch.device("cuda", torch.cuda.current_device())  # set by distributed.init_from_env
+        return torch.device(device)
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as error:
@@ -66,20 +76,21 @@ class MetricsLog:
     so that the file equals the one of an uninterrupted run."""
 
     def __init__(self, path):
-        self.path = path
+        self.path = path if distributed.is_main() else None  # rank 0 writes for everyone
 
     def write(self, **record):
         if self.path:
             with open(self.path, "a") as file:
                 file.write(json.dumps(record) + "\n")
 
-    def truncate_after(self, step):
-        if not self.path or not os.path.exists(self.path):
-            return
-        with open(self.path) as file:
-            kept = [line for line in file if line.strip() and json.loads(line)["step"] <= step]
-        with open(self.path, "w") as file:
-            file.writelines(kept)
+    def size(self):
+        return os.path.getsize(self.path) if self.path and os.path.exists(self.path) else 0
+
+    def truncate(self, size):
+        """Back to the ``size`` bytes a checkpoint recorded (also drops a line cut by a kill)."""
+        if self.path and os.path.exists(self.path):
+            with open(self.path, "r+b") as file:
+                file.truncate(size)
 
     def reset(self):
         if self.path and os.path.exists(self.path):
@@ -122,7 +133,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(self.total_steps, config.warmup_fraction))
         self.state = {"epoch": 0, "batch": 0, "step": 0, "best_accuracy": -1.0, "best_epoch": -1,
-                      "bad_epochs": 0, "done": False}
+                      "bad_epochs": 0, "done": False, "nonfinite_total": 0, "nonfinite_run": 0}
         self.best_model = None
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
@@ -157,16 +168,29 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self):
+        """Everything a resume needs; under torchrun the RNG states of every rank
+        (a collective: call it on every rank)."""
+        rng = checkpoint.rng_state()
+        ranks = [rng]
+        if distributed.is_distributed():
+            ranks = [None] * distributed.world_size()
+            torch.distributed.all_gather_object(ranks, rng)
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "method": self.method.state_dict(),
-                "trainer": dict(self.state), "best_model": self.best_model, "rng": checkpoint.rng_state(),
+                "trainer": dict(self.state), "best_model": self.best_model, "rng": rng, "rng_ranks": ranks,
+                "world_size": distributed.world_size(), "metrics_bytes": self.metrics.size(),
                 "config": self.config.to_dict()}
 
     def save_checkpoint(self, path=None):
-        checkpoint.save(path or os.path.join(self.out_dir, CHECKPOINT), self.state_dict())
+        """Rank 0 writes (atomically, keeping the previous file as ``.prev``); every rank must call it."""
+        state = self.state_dict()
+        if distributed.is_main():
+            checkpoint.save(path or os.path.join(self.out_dir, CHECKPOINT), state, keep_previous=True)
 
     def load_checkpoint(self, path):
-        state = checkpoint.load(path, ("model", "optimizer", "scheduler", "method", "trainer", "rng", "config"))
+        """Loads ``path``, or its ``.prev`` (with a warning) when ``path`` is truncated or corrupted."""
+        state, path = checkpoint.load_latest(path, ("model", "optimizer", "scheduler", "method", "trainer", "rng",
+                                                   "config"))
         saved = TrainConfig.from_dict(state["config"])
         differs = [k for k in ("method", "seed", "batch_size", "grad_accum", "epochs")
                    if getattr(saved, k) != getattr(self.config, k)]
@@ -177,13 +201,22 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.method.load_state_dict(state["method"])
-        self.state = dict(state["trainer"])
+        self.state = {"nonfinite_total": 0, "nonfinite_run": 0, **state["trainer"]}
         self.best_model = state["best_model"]
-        checkpoint.set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        if len(ranks) != distributed.world_size():
+            warnings.warn(f"checkpoint: {path} was written by {len(ranks)} rank(s), this run has "
+                          f"{distributed.world_size()}: training continues, but not exactly as it would have",
+                          RuntimeWarning, stacklevel=2)
+        checkpoint.set_rng_state(ranks[distributed.rank()] if len(ranks) == distributed.world_size() else ranks[0])
+        self.metrics.truncate(state.get("metrics_bytes", self.metrics.size()))
 
     def export(self, path=None):
-        """The final model (best validation weights) with what rebuilds it."""
+        """The final model (best validation weights) with what rebuilds it (rank 0 writes)."""
         from ..models import model_name
+
+        if not distributed.is_main():
+            return
 
         state = {"model": self.model.state_dict(), "model_name": model_name(self.model),
                  "model_options": dict(getattr(self.model, "config", {})),
@@ -201,9 +234,8 @@ class Trainer:
         optimizer steps in total without finishing (as an interruption would)."""
         path = resume if isinstance(resume, (str, os.PathLike)) else (
             os.path.join(self.out_dir, CHECKPOINT) if resume and self.out_dir else None)
-        if path and (os.path.exists(path) or resume is not True):
+        if path and (os.path.exists(path) or os.path.exists(checkpoint.previous_path(path)) or resume is not True):
             self.load_checkpoint(path)
-            self.metrics.truncate_after(self.state["step"])
         else:
             seed_everything(self.config.seed)
             self.metrics.reset()
@@ -234,35 +266,75 @@ class Trainer:
         epoch = state["epoch"]
         chunks = list(torch.split(self.epoch_order(epoch), config.batch_size))
         index = self.dataset.indices("train")
+        reduces = getattr(self.method, "reduces_gradients", False)
         while state["batch"] < len(chunks):
             group = chunks[state["batch"]:state["batch"] + config.grad_accum]
             self.optimizer.zero_grad(set_to_none=True)
-            ctx = StepContext(self.params, 1.0 / len(group), state["step"], epoch, config.epochs, config.rec_weight)
-            logs = []
+            logs, weights = [], []
             for chunk in group:
-                batch = self.dataset.batch(index[chunk]).to(self.device)
+                local = distributed.shard(chunk)  # this rank's part of the batch
+                weight = len(local) / len(chunk)  # its share of the batch mean
+                ctx = StepContext(self.params, (1.0 if reduces else weight) / len(group), state["step"], epoch,
+                                  config.epochs, config.rec_weight, rank_weight=weight)
+                batch = self.dataset.batch(index[local]).to(self.device)
                 with self.autocast():
                     logs.append(self.method.training_step(self.model, batch, ctx))
-            self._apply_step()
+                weights.append(weight)
+            finite_loss = all(math.isfinite(d["loss"]) for d in logs)
+            self._apply_step(finite_loss, reduce=not reduces)
             state["batch"] += len(group)
             state["step"] += 1
             bar.update(1)
             if state["step"] % config.log_every == 0:
-                record = {k: sum(d[k] for d in logs) / len(logs) for k in logs[0]}
+                keys = list(logs[0])
+                means = distributed.sum_floats([sum(w * d[k] for w, d in zip(weights, logs)) / len(logs)
+                                                for k in keys])
+                record = dict(zip(keys, means), nonfinite_skipped=state["nonfinite_total"])
                 self.metrics.write(event="step", step=state["step"], epoch=epoch,
                                    lr=self.scheduler.get_last_lr()[0], **record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
+            if state["nonfinite_run"] and state["nonfinite_run"] >= config.max_nonfinite_steps > 0:
+                self._stop_nonfinite()
             if self._checkpoint_due():
                 self.save_checkpoint()
             if max_steps is not None and state["step"] >= max_steps:
                 return
         self._end_epoch()
 
-    def _apply_step(self):
+    def _apply_step(self, finite_loss=True, reduce=True):
+        """The one place gradients are combined across ranks and applied: sums the
+        ranks' shares (``reduce``; a method with ``reduces_gradients`` did it already),
+        clips, and steps, unless a loss or a gradient is not finite on some rank: then
+        the step is skipped (parameters and optimizer untouched) and counted."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        for p, g in zip(self.params, grads):
+            p.grad = g
+        if reduce:
+            distributed.all_reduce_sum(grads)
+        flag = torch.tensor([0.0 if finite_loss else 1.0], device=self.device)
+        distributed.all_reduce_max(flag)
         if self.config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
-        self.optimizer.step()
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+        if flag.item() or not math.isfinite(norm.item()):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state["nonfinite_total"] += 1
+            self.state["nonfinite_run"] += 1
+        else:
+            self.optimizer.step()
+            self.state["nonfinite_run"] = 0
         self.scheduler.step()
+
+    def _stop_nonfinite(self):
+        """Saves the last good state (no skipped step touched the parameters) and stops."""
+        state, where = self.state, ""
+        if self.out_dir and self.checkpoints:
+            self.save_checkpoint()
+            where = f"; the last good state is in {os.path.join(self.out_dir, CHECKPOINT)}"
+        raise NonFiniteError(f"training: {state['nonfinite_run']} optimizer steps in a row had a non-finite loss "
+                             f"or gradient (up to step {state['step']}; {state['nonfinite_total']} skipped in all; "
+                             f"config.max_nonfinite_steps={self.config.max_nonfinite_steps}){where}")
 
     def _checkpoint_due(self):
         every = self.config.checkpoint_every

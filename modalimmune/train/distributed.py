@@ -1,0 +1,151 @@
+"""Data-parallel helpers over ``torch.distributed`` (docs/distributed.md).
+
+The process group is set up by :func:`init_from_env` from the variables
+torchrun exports (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` ...);
+we never open a socket ourselves. Every helper is a no-op in a single process,
+so the same code runs with and without torchrun.
+
+A data-parallel decision (the controller's estimates, the curvature statistics
+that set tau, the hypergradient's inner products) must be computed from
+values that are identical on every rank: reduce them with these helpers
+before deciding.
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed():
+    """Whether a process group with more than one rank is up."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size():
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank():
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_main():
+    """Rank 0 (or the only process): the one that writes checkpoints, metrics and reports."""
+    return rank() == 0
+
+
+def launched_by_torchrun():
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def init_from_env(device_type="cpu"):
+    """Joins the process group torchrun describes (gloo on the CPU, nccl on CUDA);
+    returns the device this rank trains on. Without torchrun's variables: nothing,
+    and the device is left to the caller (None)."""
+    if not launched_by_torchrun():
+        return None
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cpu")
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                **({"device_id": device} if device.type == "cuda" else {}))
+    return device
+
+
+def shutdown():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def _reduce(tensors, op, scale=None):
+    """All-reduces a tensor or a list of tensors in place (one flat buffer per dtype
+    and device, so one collective however many tensors); returns its argument."""
+    single = isinstance(tensors, torch.Tensor)
+    items = [tensors] if single else list(tensors)
+    if not is_distributed() or not items:
+        return tensors
+    groups = {}
+    for t in items:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    for group in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat, op=op)
+        if scale is not None:
+            flat.mul_(scale)
+        for t, part in zip(group, flat.split([t.numel() for t in group])):
+            t.copy_(part.view_as(t))
+    return tensors
+
+
+def all_reduce_sum(tensors):
+    """Sums a tensor (or a list of tensors) over the ranks, in place."""
+    return _reduce(tensors, dist.ReduceOp.SUM)
+
+
+def all_reduce_mean(tensors):
+    """Averages a tensor (or a list of tensors) over the ranks, in place."""
+    return _reduce(tensors, dist.ReduceOp.SUM, 1.0 / world_size()) if is_distributed() else tensors
+
+
+def all_reduce_max(tensors):
+    return _reduce(tensors, dist.ReduceOp.MAX)
+
+
+def sum_floats(values, device="cpu"):
+    """A list of Python floats summed over the ranks (float64)."""
+    if not is_distributed():
+        return list(values)
+    return all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
+
+
+def shard(index):
+    """This rank's contiguous part of a batch's sample ``index`` (the parts of all ranks,
+    in rank order, are the whole batch; sizes differ by at most one)."""
+    if not is_distributed():
+        return index
+    return torch.tensor_split(index, world_size())[rank()]
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        sizes = [torch.zeros((), dtype=torch.long, device=x.device) for _ in range(world_size())]
+        dist.all_gather(sizes, torch.tensor(x.shape[0], device=x.device))
+        sizes = [int(s) for s in sizes]
+        parts = [x.new_empty((n, *x.shape[1:])) for n in sizes]
+        dist.all_gather(parts, x.contiguous())
+        ctx.sizes = sizes
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # every rank's loss depends on every row: sum the row gradients of all ranks, keep ours
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.split(ctx.sizes)[rank()]
+
+
+def gather_rows(x):
+    """The rows of ``x`` of every rank concatenated in rank order (the global batch),
+    differentiable: a batch-level statistic (an SVD over the samples, an effective
+    rank) computed on the result is the one of the whole batch. Identity in one process."""
+    return _GatherRows.apply(x) if is_distributed() else x
+
+
+def local_rows(x, local_count):
+    """This rank's rows of a tensor built by :func:`gather_rows` (inverse of it)."""
+    if not is_distributed():
+        return x
+    sizes = [torch.zeros((), dtype=torch.long, device=x.device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor(local_count, device=x.device))
+    start = sum(int(s) for s in sizes[:rank()])
+    return x[start:start + local_count]

@@ -1,0 +1,122 @@
+"""Data-parallel training (docs/distributed.md): 2 gloo ranks with half the batch each
+train to the parameters of 1 process with the whole batch; torchrun runs the CLI."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from modalimmune.train import distributed
+from test_data import single_thread, tiny_arrays, tiny_dataset  # noqa: F401 (autouse fixture)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(method, out_dir, steps):
+    """A few optimizer steps of ``method`` on a tiny dataset, without dropout (so that the
+    function of a sample does not depend on which rank draws its mask)."""
+    from modalimmune.models import build_model
+    from modalimmune.train import Trainer
+
+    data = tiny_dataset(n=90)
+    torch.manual_seed(0)
+    model = build_model("mlp", data.spec, data.num_classes, hidden=16, embed_dim=8, fused_dim=16, dropout=0.0)
+    trainer = Trainer(model, data, out_dir=out_dir, method=method, epochs=3, batch_size=16, grad_accum=2,
+                      progress=False, patience=0, checkpoint_every=2, log_every=1)
+    trainer.fit(max_steps=steps)
+    return trainer
+
+
+def _worker(rank, world, port, method, out_dir, steps, result):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.init_from_env("cpu")
+    try:
+        trainer = train(method, out_dir, steps)
+        params = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, params)
+        if rank == 0:
+            torch.save(gathered, result)
+    finally:
+        distributed.shutdown()
+
+
+def run_two_ranks(method, out_dir, steps, result):
+    mp.start_processes(_worker, args=(2, free_port(), method, out_dir, steps, result), nprocs=2,
+                       start_method="spawn", join=True)
+    return torch.load(result)
+
+
+@pytest.mark.parametrize("method", ["erm", "ogm_ge[ge=off]"])
+def test_two_ranks_with_half_batches_equal_one_process(method, tmp_path):
+    steps = 5  # of 6; 2 optimizer steps per epoch, the last micro-batch of each (15 samples) splits 8 + 7
+    one = train(method, str(tmp_path / "one"), steps)
+    ranks = run_two_ranks(method, str(tmp_path / "two"), steps, str(tmp_path / "params.pt"))
+    for name, value in one.model.state_dict().items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), f"ranks disagree on {name}"
+        torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    # rank 0 alone wrote the files; its logged losses are those of the whole batch
+    assert sorted(os.listdir(tmp_path / "two")) == ["checkpoint.pt", "checkpoint.pt.prev", "metrics.jsonl"]
+    read = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    for a, b in zip(read(tmp_path / "one"), read(tmp_path / "two"), strict=True):
+        assert a.keys() == b.keys() and a["step"] == b["step"]
+        assert a.get("loss", 0) == pytest.approx(b.get("loss", 0), rel=1e-5)
+
+
+def test_helpers_are_no_ops_in_one_process():
+    x = torch.arange(4.0)
+    assert distributed.all_reduce_mean(x) is x and torch.equal(x, torch.arange(4.0))
+    assert distributed.all_reduce_sum([x])[0] is x
+    assert distributed.shard(torch.arange(5)).tolist() == list(range(5))
+    assert distributed.gather_rows(x) is x and distributed.world_size() == 1 and distributed.is_main()
+    assert distributed.init_from_env() is None or distributed.launched_by_torchrun()
+
+
+def test_torchrun_cli_trains_and_resumes(tmp_path):
+    import numpy as np
+
+    modalities, y, lengths = tiny_arrays(n=60)
+    npz = tmp_path / "tiny.npz"
+    np.savez(npz, y=y, seq_lengths=lengths["seq"], **modalities)
+    out = tmp_path / "run"
+    command = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "modalimmune", "train", "--dataset", str(npz),
+               "--epochs", "2", "--batch-size", "16", "--out", str(out), "--no-progress", "--checkpoint-every", "2",
+               "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240, cwd=ROOT)
+    assert first.returncode == 0, first.stderr[-2000:]
+    summary = json.loads(first.stdout.strip().splitlines()[-1])
+    assert summary["finished"] and summary["world_size"] == 2
+    assert {"model.pt", "checkpoint.pt", "metrics.jsonl"} <= set(os.listdir(out))
+    again = subprocess.run(command + ["--resume"], capture_output=True, text=True, env=env, timeout=240, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads(again.stdout.strip().splitlines()[-1])["steps"] == summary["steps"]
+
+
+def test_modalimmune_ranks_make_the_same_decisions(tmp_path):
+    """Every rank ends with the same parameters (the controller's estimates are all-reduced,
+    the gradients summed). Equality with one process also needs the batch-level statistics
+    (collapse SVD, effective rank) over the whole batch and g_c, g_d, the probe reduced before
+    the mask: docs/distributed.md, "Methods"; until the method is wired, that part is xfail."""
+    method = "modalimmune[hyper_every=2]"
+    one = train(method, str(tmp_path / "one"), 4)
+    ranks = run_two_ranks(method, str(tmp_path / "two"), 4, str(tmp_path / "params.pt"))
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), f"ranks disagree on {name}"
+    state = one.model.state_dict()
+    if not all(torch.allclose(ranks[0][k], v, rtol=1e-5, atol=1e-6) for k, v in state.items()):
+        pytest.xfail("modalimmune: batch-level statistics are per rank until the method uses gather_rows/reduce_mean")
