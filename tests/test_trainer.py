@@ -129,7 +129,10 @@ def test_bad_config_and_model(data):
 
 def test_method_specs():
     assert parse_method("moddrop[p=0.25]") == ("moddrop", {"p": 0.25})
-    assert parse_method("ogm_ge[alpha=1, ge=off]") == ("ogm_ge", {"alpha": 1, "ge": False})
+    assert parse_method("ogm_ge[alpha=1, ge=off]") == ("ogm_ge", {"alpha": 1, "ge": "off"})
+    assert build_method("ogm_ge[ge=off]").ge is False and build_method("ogm_ge[ge=true]").ge is True
+    with pytest.raises(ValueError, match="expects a bool"):
+        build_method("ogm_ge[ge=maybe]")
     assert split_methods("erm, moddrop[p=0.1,x=2],ogm_ge") == ["erm", "moddrop[p=0.1,x=2]", "ogm_ge"]
     assert build_method("moddrop[p=0.25]").p == 0.25
     with pytest.raises(ValueError, match="moddrop has no option 'q'"):

@@ -11,6 +11,10 @@ def build_model(name, spec, num_classes, **options):
     """A ready model for a dataset's ``spec`` (``{name: ModalitySpec}``)."""
     if name not in MODELS:
         raise ValueError(f"model: unknown {name!r}; expected one of {', '.join(MODELS)}")
+    if not isinstance(spec, dict) or not spec:
+        raise ValueError(f"spec: expected a non-empty dict of modality specs, got {spec!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes: expected an int >= 2, got {num_classes!r}")
     return MODELS[name](spec, num_classes, **options)
 
 

@@ -34,12 +34,13 @@ def register_method(name):
     return decorate
 
 
+_BOOL_WORDS = {"true": True, "on": True, "yes": True, "false": False, "off": False, "no": False}
+
+
 def _parse_value(text):
     lowered = text.strip().lower()
-    if lowered in ("true", "on", "yes"):
-        return True
-    if lowered in ("false", "off", "no"):
-        return False
+    if lowered in ("true", "false"):
+        return lowered == "true"
     for kind in (int, float):
         try:
             return kind(text)
@@ -76,10 +77,15 @@ def build_method(spec):
     if name not in METHODS:
         raise ValueError(f"method: unknown {name!r}; expected one of {', '.join(sorted(METHODS))}")
     accepted = inspect.signature(METHODS[name].__init__).parameters
-    for key in options:
+    for key, value in options.items():
         if key not in accepted or key == "self":
             raise ValueError(f"method: {name} has no option {key!r}; its options: "
                              f"{', '.join(k for k in accepted if k != 'self') or 'none'}")
+        # an option whose default is a bool also takes on/off/yes/no; "off" stays a word elsewhere
+        if isinstance(accepted[key].default, bool) and isinstance(value, str):
+            if value.lower() not in _BOOL_WORDS:
+                raise ValueError(f"method: {name} option {key!r} expects a bool (true/false/on/off), got {value!r}")
+            options[key] = _BOOL_WORDS[value.lower()]
     return METHODS[name](**options)
 
 
