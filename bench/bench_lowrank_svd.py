@@ -1,6 +1,7 @@
 """Benchmark of lowrank_svd against torch.linalg.svd and torch.svd_lowrank (same q, niter).
 
-For each shape: time (median of repeats) and accuracy (max relative error of the
+For each shape: time (best of repeats, for every timed function alike: the least
+disturbed run on a shared machine) and accuracy (max relative error of the
 top-k singular values against torch.linalg.svd in float64, and the sine of the
 largest principal angle of the right subspace), plus the floor time:
 
@@ -15,7 +16,6 @@ bandwidth (a large clone) measured in the same run. Reports floor / measured.
 """
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -39,7 +39,7 @@ def timed(fn, device, repeats):
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def mm_rate(device, dtype, repeats):

@@ -286,18 +286,7 @@ def _same(a, b):
                                                                      else b)
 
 
-# Gaps found by this suite in code this suite's author does not own (reported to the lead): the
-# ops accept non-finite input (a check costs a device sync), build_model accepts an empty spec and
-# a single class. Strict: a fix makes these cases pass and the marker must go.
-KNOWN_GAPS = {"svd/nan", "erank/inf", "collapse/nan"}
-
-
-def _case(case):
-    marks = [pytest.mark.xfail(strict=True, reason="not validated yet")] if case[0] in KNOWN_GAPS else []
-    return pytest.param(*case, id=case[0], marks=marks)
-
-
-@pytest.mark.parametrize("name, build, errors, message", [_case(c) for c in CASES])
+@pytest.mark.parametrize("name, build, errors, message", [pytest.param(*c, id=c[0]) for c in CASES])
 def test_bad_input(world, name, build, errors, message, capsys):
     fn, args, kwargs = build(world)
     tensors = _tensors((args, kwargs), [])

@@ -1,304 +1,218 @@
 // CPU kernel of the batched randomised low-rank SVD (docs/ops/lowrank_svd.md).
-// OpenMP over the batch: one thread runs the whole algorithm on one matrix, so
-// its q-wide panels (Z, W, Y) stay in that core's caches. The passes over A go
-// four rows at a time with register tiles of q-columns; the power step
-// W = A^T (A Z) reads each block of rows once and uses it twice. The small
-// q x q work (Cholesky, Jacobi eigensolver) is done in double.
+// The panels are kept transposed (q x d, q x n; row-major), so every product
+// with A is a short-wide BLAS product (Yt = Zt A^T, Wt = Yt A), the shape MKL runs
+// near its square-matrix rate. OpenMP over the batch with single-threaded BLAS
+// inside when the batch fills the threads, else threaded BLAS on one matrix at a
+// time. The q x q work (Cholesky in double, cyclic Jacobi in A's dtype) is ours.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
+#include <numeric>
 #include <vector>
+
+#include "lowrank_svd.h"
 
 namespace modalimmune {
 namespace {
 
-constexpr int kBytes = 32;  // one AVX register; GCC splits it where AVX is missing
-constexpr int kRows = 4;    // rows of A per register tile
-
-template <typename T>
-struct Lanes {
-  typedef T vec __attribute__((vector_size(kBytes), aligned(sizeof(T))));
-  static constexpr int64_t kWidth = kBytes / sizeof(T);
-  static vec load(const T* p) {
-    vec v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-  }
-  static void store(T* p, vec v) { std::memcpy(p, &v, sizeof(v)); }
+// One thread's buffers: panels Zt, Wt (q x d), Yt (q x n) and q x q matrices.
+struct Workspace {
+  at::Tensor zt, wt, yt, gram, tri, eig, eig_scaled;
+  Workspace(int64_t n, int64_t d, int64_t q, int64_t k, const at::TensorOptions& options)
+      : zt(at::empty({q, d}, options)), wt(at::empty({q, d}, options)), yt(at::empty({q, n}, options)),
+        gram(at::empty({q, q}, options)), tri(at::zeros({q, q}, options)), eig(at::empty({q, k}, options)),
+        eig_scaled(at::empty({q, k}, options)) {}
 };
 
-// The panels have a padded row stride qp (a multiple of the lane count; the
-// padding columns stay zero).
+// out = L^{-1} X for the q x m panel X = Wt, with L L^T = X X^T + tau I,
+// tau = eps tr(X X^T) + tiny: one shifted CholeskyQR step on W = X^T
+// (docs/ops/lowrank_svd.md, "Orthonormalisation"). The Cholesky is in double.
 template <typename T>
-struct Panels {
-  int64_t n, d, q, qp;
-  std::vector<T> z, w, y, tile;
-};
-
-// Rows [i, i + R) of A: tile = A_rows Z (or X_rows when Z is null), copied to
-// Y when given, and W += A_rows^T tile when W is given.
-template <typename T, int R, int CV>
-void row_tile(const T* a, int64_t d, int64_t qp, int64_t c0, const T* z, T* tile, T* w) {
-  using L = Lanes<T>;
-  using vec = typename L::vec;
-  vec acc[R][CV];
-  if (z != nullptr) {
-    for (int r = 0; r < R; ++r)
-      for (int v = 0; v < CV; ++v) acc[r][v] = vec{};
-    for (int64_t j = 0; j < d; ++j) {
-      vec zj[CV];
-      for (int v = 0; v < CV; ++v) zj[v] = L::load(z + j * qp + c0 + v * L::kWidth);
-      for (int r = 0; r < R; ++r) {
-        const T arj = a[r * d + j];
-        for (int v = 0; v < CV; ++v) acc[r][v] += arj * zj[v];
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      for (int v = 0; v < CV; ++v) L::store(tile + r * qp + c0 + v * L::kWidth, acc[r][v]);
-  } else {
-    for (int r = 0; r < R; ++r)
-      for (int v = 0; v < CV; ++v) acc[r][v] = L::load(tile + r * qp + c0 + v * L::kWidth);
-  }
-  if (w == nullptr) return;
-  for (int64_t j = 0; j < d; ++j) {
-    T* wj = w + j * qp + c0;
-    vec sum[CV];
-    for (int v = 0; v < CV; ++v) sum[v] = L::load(wj + v * L::kWidth);
-    for (int r = 0; r < R; ++r) {
-      const T arj = a[r * d + j];
-      for (int v = 0; v < CV; ++v) sum[v] += arj * acc[r][v];
-    }
-    for (int v = 0; v < CV; ++v) L::store(wj + v * L::kWidth, sum[v]);
-  }
-}
-
-template <typename T, int R>
-void row_block(const T* a, int64_t d, int64_t qp, const T* z, T* tile, T* w) {
-  const int64_t width = Lanes<T>::kWidth;
-  int64_t c0 = 0;
-  for (; c0 + 2 * width <= qp; c0 += 2 * width) row_tile<T, R, 2>(a, d, qp, c0, z, tile, w);
-  if (c0 < qp) row_tile<T, R, 1>(a, d, qp, c0, z, tile, w);
-}
-
-// One pass over A (n x d): with z, Y = A Z (kept when y is given); without z,
-// the rows come from x (n x qp). With w, W = A^T Y.
-template <typename T>
-void sweep(const T* a, const Panels<T>& p, const T* z, const T* x, T* y, T* w, T* tile) {
-  if (w != nullptr) std::fill(w, w + p.d * p.qp, T(0));
-  int64_t i = 0;
-  for (; i < p.n; i += kRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kRows, p.n - i));
-    T* out = y != nullptr ? y + i * p.qp : tile;
-    if (z == nullptr) std::memcpy(out, x + i * p.qp, rows * p.qp * sizeof(T));
-    if (rows == kRows)
-      row_block<T, kRows>(a + i * p.d, p.d, p.qp, z, out, w);
-    else
-      for (int r = 0; r < rows; ++r) row_block<T, 1>(a + (i + r) * p.d, p.d, p.qp, z, out + r * p.qp, w);
-  }
-}
-
-// G = X^T X over the first q columns of the rows x qp panel X.
-template <typename T>
-std::vector<double> gram(const T* x, int64_t rows, const Panels<T>& p) {
-  std::vector<T> g(p.q * p.qp, T(0));
-  for (int64_t i = 0; i < rows; ++i) {
-    const T* xi = x + i * p.qp;
-    for (int64_t r = 0; r < p.q; ++r) {
-      const T xr = xi[r];
-      T* gr = g.data() + r * p.qp;
-#pragma omp simd
-      for (int64_t c = 0; c < p.qp; ++c) gr[c] += xr * xi[c];
-    }
-  }
-  std::vector<double> out(p.q * p.q);
-  for (int64_t r = 0; r < p.q; ++r)
-    for (int64_t c = 0; c < p.q; ++c) out[r * p.q + c] = g[r * p.qp + c];
-  return out;
-}
-
-// One shifted CholeskyQR step in place: X <- X R^{-1}, R^T R = G + tau I,
-// tau = eps tr(G) + tiny (docs/ops/lowrank_svd.md, "Orthonormalisation").
-template <typename T>
-void cholqr_step(T* x, int64_t rows, const Panels<T>& p) {
-  const int64_t q = p.q;
-  std::vector<double> g = gram(x, rows, p);
+void cholqr_step(const at::Tensor& x, at::Tensor& out, Workspace& ws) {
+  const int64_t q = x.size(0);
+  at::mm_out(ws.gram, x, x.t());
+  const T* gram = ws.gram.data_ptr<T>();
+  std::vector<double> l(gram, gram + q * q);  // lower factor L in place
   double trace = 0.0;
-  for (int64_t c = 0; c < q; ++c) trace += g[c * q + c];
+  for (int64_t c = 0; c < q; ++c) trace += l[c * q + c];
   const double tau = std::numeric_limits<T>::epsilon() * trace + std::numeric_limits<T>::min();
-  for (int64_t c = 0; c < q; ++c) g[c * q + c] += tau;
-  // upper R with R^T R = g, stored in g's upper triangle
   for (int64_t c = 0; c < q; ++c) {
-    double diag = g[c * q + c];
-    for (int64_t m = 0; m < c; ++m) diag -= g[m * q + c] * g[m * q + c];
+    double diag = l[c * q + c] + tau;
+    for (int64_t m = 0; m < c; ++m) diag -= l[c * q + m] * l[c * q + m];
     diag = std::sqrt(std::max(diag, tau));
-    g[c * q + c] = diag;
-    for (int64_t e = c + 1; e < q; ++e) {
-      double v = g[c * q + e];
-      for (int64_t m = 0; m < c; ++m) v -= g[m * q + c] * g[m * q + e];
-      g[c * q + e] = v / diag;
+    l[c * q + c] = diag;
+    for (int64_t r = c + 1; r < q; ++r) {
+      double v = l[r * q + c];
+      for (int64_t m = 0; m < c; ++m) v -= l[r * q + m] * l[c * q + m];
+      l[r * q + c] = v / diag;
     }
   }
-  // R^{-1} (upper), padded to qp columns
-  std::vector<double> inv(q * q, 0.0);
+  // L^{-1} (lower) by forward substitution, column by column
+  T* inv = ws.tri.data_ptr<T>();
+  std::vector<double> col(q);
   for (int64_t c = 0; c < q; ++c) {
-    inv[c * q + c] = 1.0 / g[c * q + c];
-    for (int64_t r = c - 1; r >= 0; --r) {
-      double v = 0.0;
-      for (int64_t m = r + 1; m <= c; ++m) v += g[r * q + m] * inv[m * q + c];
-      inv[r * q + c] = -v / g[r * q + r];
+    for (int64_t r = c; r < q; ++r) {
+      double v = r == c ? 1.0 : 0.0;
+      for (int64_t m = c; m < r; ++m) v -= l[r * q + m] * col[m];
+      col[r] = v / l[r * q + r];
+      inv[r * q + c] = static_cast<T>(col[r]);
     }
   }
-  std::vector<T> rinv(q * p.qp, T(0)), row(p.qp);
-  for (int64_t r = 0; r < q; ++r)
-    for (int64_t c = r; c < q; ++c) rinv[r * p.qp + c] = static_cast<T>(inv[r * q + c]);
-  for (int64_t i = 0; i < rows; ++i) {
-    T* xi = x + i * p.qp;
-    std::fill(row.begin(), row.end(), T(0));
-    for (int64_t m = 0; m < q; ++m) {
-      const T xm = xi[m];
-      const T* rm = rinv.data() + m * p.qp;
-#pragma omp simd
-      for (int64_t c = 0; c < p.qp; ++c) row[c] += xm * rm[c];
-    }
-    std::copy(row.begin(), row.end(), xi);
-  }
+  at::mm_out(out, ws.tri, x);
 }
 
-// Cyclic Jacobi on the symmetric q x q matrix g (destroyed). Returns the
-// eigenvalues descending and the eigenvectors as the columns of vecs, each
-// with its largest-magnitude entry positive (the sign convention of every backend).
-void jacobi_eig(std::vector<double>& g, int64_t q, std::vector<double>& vals, std::vector<double>& vecs) {
-  std::vector<double> v(q * q, 0.0);
-  for (int64_t i = 0; i < q; ++i) v[i * q + i] = 1.0;
-  double norm = 0.0;
-  for (double e : g) norm += e * e;
-  const double tol = 1e-30 * norm;  // (1e-15 ||G||_F)^2
+// Zt <- orth(Wt) (CholeskyQR2); Wt is overwritten.
+template <typename T>
+void orthonormalize(Workspace& ws) {
+  cholqr_step<T>(ws.wt, ws.zt, ws);
+  cholqr_step<T>(ws.zt, ws.wt, ws);
+  std::swap(ws.zt, ws.wt);
+}
+
+// Cyclic Jacobi on the symmetric q x q matrix g (destroyed), in T: the Gram
+// matrix it diagonalises was formed in T, so T's precision is what it holds.
+// Sweeps until the off-diagonal norm is below eps ||G||_F (or no rotation is
+// left to do). Writes the first k eigenvalues descending to vals and their
+// eigenvectors as the columns of vecs (q x k), each with its largest-magnitude
+// entry positive (the sign convention of every backend).
+template <typename T>
+void jacobi_eig(std::vector<T>& g, int64_t q, int64_t k, double* vals, T* vecs) {
+  const T eps = std::numeric_limits<T>::epsilon();
+  std::vector<T> vt(q * q, T(0));  // eigenvectors as rows
+  for (int64_t i = 0; i < q; ++i) vt[i * q + i] = T(1);
+  for (int64_t r = 0; r < q; ++r)  // a BLAS Gram matrix need not be exactly symmetric
+    for (int64_t c = r + 1; c < q; ++c) g[r * q + c] = g[c * q + r];
+  T norm = 0;
+  for (T e : g) norm += e * e;
+  const T tol = eps * eps * norm;
   for (int sweep = 0; sweep < 30; ++sweep) {
-    double off = 0.0;
+    T off = 0;
     for (int64_t r = 0; r < q; ++r)
       for (int64_t c = r + 1; c < q; ++c) off += g[r * q + c] * g[r * q + c];
     if (off <= tol) break;
+    bool rotated = false;
     for (int64_t r = 0; r < q; ++r)
       for (int64_t c = r + 1; c < q; ++c) {
-        const double grc = g[r * q + c];
+        const T grc = g[r * q + c];
         // below the rounding of both diagonal entries: the rotation would change nothing
-        if (std::fabs(grc) <= 1e-17 * std::max(std::fabs(g[r * q + r]), std::fabs(g[c * q + c]))) {
-          g[r * q + c] = g[c * q + r] = 0.0;
+        if (std::fabs(grc) <= T(0.1) * eps * std::max(std::fabs(g[r * q + r]), std::fabs(g[c * q + c]))) {
+          g[r * q + c] = g[c * q + r] = T(0);
           continue;
         }
-        const double theta = (g[c * q + c] - g[r * q + r]) / (2.0 * grc);
-        const double t = (theta >= 0 ? 1.0 : -1.0) / (std::fabs(theta) + std::sqrt(theta * theta + 1.0));
-        const double cs = 1.0 / std::sqrt(t * t + 1.0), sn = t * cs;
-        for (int64_t m = 0; m < q; ++m) {  // columns r, c
-          const double gr = g[m * q + r], gc = g[m * q + c];
-          g[m * q + r] = cs * gr - sn * gc;
-          g[m * q + c] = sn * gr + cs * gc;
-        }
-        for (int64_t m = 0; m < q; ++m) {  // rows r, c
-          const double gr = g[r * q + m], gc = g[c * q + m];
-          g[r * q + m] = cs * gr - sn * gc;
-          g[c * q + m] = sn * gr + cs * gc;
+        rotated = true;
+        const T theta = (g[c * q + c] - g[r * q + r]) / (T(2) * grc);
+        const T t = (theta >= 0 ? T(1) : T(-1)) / (std::fabs(theta) + std::sqrt(theta * theta + T(1)));
+        const T cs = T(1) / std::sqrt(t * t + T(1)), sn = t * cs;
+        // G <- J^T G J on rows r, c (contiguous), mirrored into columns r, c
+        T* gr = g.data() + r * q;
+        T* gc = g.data() + c * q;
+        const T grr = gr[r] - t * grc, gcc = gc[c] + t * grc;
+        for (int64_t m = 0; m < q; ++m) {
+          const T a = gr[m], b = gc[m];
+          gr[m] = cs * a - sn * b;
+          gc[m] = sn * a + cs * b;
         }
         for (int64_t m = 0; m < q; ++m) {
-          const double vr = v[m * q + r], vc = v[m * q + c];
-          v[m * q + r] = cs * vr - sn * vc;
-          v[m * q + c] = sn * vr + cs * vc;
+          g[m * q + r] = gr[m];
+          g[m * q + c] = gc[m];
+        }
+        gr[r] = grr;
+        gc[c] = gcc;
+        gr[c] = gc[r] = T(0);
+        T* vr = vt.data() + r * q;
+        T* vc = vt.data() + c * q;
+        for (int64_t m = 0; m < q; ++m) {
+          const T a = vr[m], b = vc[m];
+          vr[m] = cs * a - sn * b;
+          vc[m] = sn * a + cs * b;
         }
       }
+    if (!rotated) break;
   }
   std::vector<int64_t> order(q);
-  for (int64_t i = 0; i < q; ++i) order[i] = i;
+  std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return g[x * q + x] > g[y * q + y]; });
-  vals.assign(q, 0.0);
-  vecs.assign(q * q, 0.0);
-  for (int64_t c = 0; c < q; ++c) {
-    const int64_t src = order[c];
-    vals[c] = g[src * q + src];
+  for (int64_t c = 0; c < k; ++c) {
+    const T* v = vt.data() + order[c] * q;
+    vals[c] = g[order[c] * q + order[c]];
     int64_t big = 0;
     for (int64_t m = 1; m < q; ++m)
-      if (std::fabs(v[m * q + src]) > std::fabs(v[big * q + src])) big = m;
-    const double sign = v[big * q + src] < 0 ? -1.0 : 1.0;
-    for (int64_t m = 0; m < q; ++m) vecs[m * q + c] = sign * v[m * q + src];
+      if (std::fabs(v[m]) > std::fabs(v[big])) big = m;
+    const T sign = v[big] < 0 ? T(-1) : T(1);
+    for (int64_t m = 0; m < q; ++m) vecs[m * k + c] = sign * v[m];
   }
 }
 
-// out (rows x k) = X (rows x qp panel, first q columns) * E (q x q, first k columns) / scale
+// One matrix: a (n x d), omega (n x q) -> u (n x k), s (k), v (d x k).
 template <typename T>
-void combine(const T* x, int64_t rows, const Panels<T>& p, const std::vector<double>& e, int64_t k,
-             const std::vector<T>& inv_scale, T* out) {
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t c = 0; c < k; ++c) {
-      double s = 0.0;
-      for (int64_t m = 0; m < p.q; ++m) s += static_cast<double>(x[i * p.qp + m]) * e[m * p.q + c];
-      out[i * k + c] = static_cast<T>(s) * inv_scale[c];
-    }
-}
-
-template <typename T>
-void lowrank_svd_one(const T* a, const T* omega, Panels<T>& p, int64_t k, int64_t niter, T* u, T* s, T* v) {
-  // sketch from the row side: Z = A^T Omega, then Z <- orth(A^T A Z) niter times
-  T* x = p.y.data();
-  for (int64_t i = 0; i < p.n; ++i) std::copy(omega + i * p.q, omega + (i + 1) * p.q, x + i * p.qp);
-  sweep<T>(a, p, nullptr, x, nullptr, p.z.data(), p.tile.data());
-  for (int64_t it = 0; it <= niter; ++it) {
-    if (it > 0) sweep<T>(a, p, p.w.data(), nullptr, nullptr, p.z.data(), p.tile.data());
-    cholqr_step(p.z.data(), p.d, p);
-    cholqr_step(p.z.data(), p.d, p);
-    std::swap(p.z, p.w);  // the orthonormal basis lives in w
+void lowrank_svd_one(const at::Tensor& a, const at::Tensor& omega, int64_t k, int64_t niter, Workspace& ws,
+                     at::Tensor u, T* s, at::Tensor v) {
+  const int64_t q = omega.size(1);
+  // sketch from the row side: Z = orth(A^T Omega), then Z <- orth(A^T (A Z))
+  at::mm_out(ws.wt, omega.t(), a);
+  orthonormalize<T>(ws);
+  for (int64_t it = 0; it < niter; ++it) {
+    at::mm_out(ws.yt, ws.zt, a.t());
+    at::mm_out(ws.wt, ws.yt, a);
+    orthonormalize<T>(ws);
   }
-  // Rayleigh-Ritz: Y = A Z, Y^T Y = W diag(lambda) W^T
-  sweep<T>(a, p, p.w.data(), nullptr, p.y.data(), nullptr, p.tile.data());
-  std::vector<double> g = gram(p.y.data(), p.n, p), vals, vecs;
-  jacobi_eig(g, p.q, vals, vecs);
-  std::vector<T> ones(k, T(1)), inv_sigma(k);
+  // Rayleigh-Ritz: Y = A Z, Y^T Y = E diag(lambda) E^T
+  at::mm_out(ws.yt, ws.zt, a.t());
+  at::mm_out(ws.gram, ws.yt, ws.yt.t());
+  const T* gram = ws.gram.data_ptr<T>();
+  std::vector<T> g(gram, gram + q * q);
+  std::vector<double> vals(k);
+  T* eig = ws.eig.data_ptr<T>();
+  jacobi_eig<T>(g, q, k, vals.data(), eig);
+  T* scaled = ws.eig_scaled.data_ptr<T>();
   for (int64_t c = 0; c < k; ++c) {
     const double sigma = std::sqrt(std::max(vals[c], 0.0));
     s[c] = static_cast<T>(sigma);
-    inv_sigma[c] = static_cast<T>(1.0 / std::max(sigma, static_cast<double>(std::numeric_limits<T>::min())));
+    const T inv_sigma = static_cast<T>(1.0 / std::max(sigma, static_cast<double>(std::numeric_limits<T>::min())));
+    for (int64_t m = 0; m < q; ++m) scaled[m * k + c] = eig[m * k + c] * inv_sigma;
   }
-  combine(p.w.data(), p.d, p, vecs, k, ones, v);
-  combine(p.y.data(), p.n, p, vecs, k, inv_sigma, u);
+  at::mm_out(v, ws.zt.t(), ws.eig);
+  at::mm_out(u, ws.yt.t(), ws.eig_scaled);
 }
 
 template <typename T>
-void lowrank_svd_batch(const T* a, const T* omega, int64_t b, int64_t n, int64_t d, int64_t q, int64_t k,
-                       int64_t niter, T* u, T* s, T* v) {
-  const int64_t width = Lanes<T>::kWidth;
-  const int64_t qp = (q + width - 1) / width * width;
-#pragma omp parallel
+void lowrank_svd_batch(const at::Tensor& a, const at::Tensor& omega, int64_t k, int64_t niter, at::Tensor& U,
+                       at::Tensor& S, at::Tensor& V) {
+  const int64_t b = a.size(0), n = a.size(1), d = a.size(2), q = omega.size(2);
+  const int threads = at::get_num_threads();
+  T* s = S.data_ptr<T>();
+  if (b < threads) {  // too few matrices to share out: BLAS threads each product
+    Workspace ws(n, d, q, k, a.options());
+    for (int64_t i = 0; i < b; ++i) lowrank_svd_one<T>(a[i], omega[i], k, niter, ws, U[i], s + i * k, V[i]);
+    return;
+  }
+  // one matrix per thread at a time, BLAS single-threaded inside the parallel region;
+  // each matrix is computed the same way whichever thread takes it
+#pragma omp parallel num_threads(threads)
   {
-    Panels<T> p{n, d, q, qp};
-    p.z.assign(d * qp, 0);
-    p.w.assign(d * qp, 0);
-    p.y.assign(n * qp, 0);
-    p.tile.assign(kRows * qp, 0);
+    // the worker threads start without the caller's dispatch state: the products
+    // here are plain CPU kernels, below autograd
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    Workspace ws(n, d, q, k, a.options());
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < b; ++i)
-      lowrank_svd_one(a + i * n * d, omega + i * n * q, p, k, niter, u + i * n * k, s + i * k, v + i * d * k);
+    for (int64_t i = 0; i < b; ++i) lowrank_svd_one<T>(a[i], omega[i], k, niter, ws, U[i], s + i * k, V[i]);
   }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_svd_cpu(const at::Tensor& A, const at::Tensor& omega,
                                                               int64_t k, int64_t niter) {
-  TORCH_CHECK(A.dim() == 3 && omega.dim() == 3 && A.size(0) == omega.size(0) && A.size(1) == omega.size(1),
-              "lowrank_svd: expected A (b, n, d) and omega (b, n, q)");
-  TORCH_CHECK(A.scalar_type() == omega.scalar_type() &&
-                  (A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble),
-              "lowrank_svd: A and omega must both be float32 or both float64");
-  const int64_t b = A.size(0), n = A.size(1), d = A.size(2), q = omega.size(2);
-  TORCH_CHECK(1 <= k && k <= q && q <= std::min(n, d) && niter >= 0, "lowrank_svd: need 1 <= k <= q <= min(n, d)");
-  const at::Tensor a = A.contiguous(), o = omega.contiguous();
+  check_lowrank_svd_args(A, omega, k, niter);
+  const int64_t b = A.size(0), n = A.size(1), d = A.size(2);
+  const at::Tensor a = A.detach().contiguous(), o = omega.detach().contiguous();
   at::Tensor U = at::empty({b, n, k}, A.options()), S = at::empty({b, k}, A.options()),
              V = at::empty({b, d, k}, A.options());
-  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "lowrank_svd_cpu", [&] {
-    lowrank_svd_batch(a.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(), b, n, d, q, k, niter, U.data_ptr<scalar_t>(),
-                      S.data_ptr<scalar_t>(), V.data_ptr<scalar_t>());
-  });
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "lowrank_svd_cpu",
+                             [&] { lowrank_svd_batch<scalar_t>(a, o, k, niter, U, S, V); });
   return {U, S, V};
 }
 

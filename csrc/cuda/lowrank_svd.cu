@@ -13,6 +13,8 @@
 
 #include <limits>
 
+#include "lowrank_svd.h"
+
 namespace modalimmune {
 namespace {
 
@@ -152,14 +154,7 @@ at::Tensor orthonormalize(const at::Tensor& y, const at::Tensor& gram, double ep
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_svd_cuda(const at::Tensor& A, const at::Tensor& omega,
                                                                int64_t k, int64_t niter) {
-  TORCH_CHECK(A.dim() == 3 && omega.dim() == 3 && A.size(0) == omega.size(0) && A.size(1) == omega.size(1),
-              "lowrank_svd: expected A (b, n, d) and omega (b, n, q)");
-  TORCH_CHECK(A.scalar_type() == omega.scalar_type() &&
-                  (A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble),
-              "lowrank_svd: A and omega must both be float32 or both float64");
-  const int64_t q = omega.size(2);
-  TORCH_CHECK(1 <= k && k <= q && q <= std::min(A.size(1), A.size(2)) && niter >= 0,
-              "lowrank_svd: need 1 <= k <= q <= min(n, d)");
+  check_lowrank_svd_args(A, omega, k, niter);
   const c10::cuda::CUDAGuard guard(A.device());
   const bool single = A.scalar_type() == at::kFloat;
   const double eps = single ? std::numeric_limits<float>::epsilon() : std::numeric_limits<double>::epsilon();

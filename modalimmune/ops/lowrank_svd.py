@@ -169,6 +169,9 @@ def check_matrices(name, A):
         raise ValueError(f"{name}: expected a tensor of shape (..., n, d) with at least 2 dims, got shape {tuple(A.shape)}")
     if A.shape[-1] == 0 or A.shape[-2] == 0:
         raise ValueError(f"{name}: expected non-empty matrices, got shape {tuple(A.shape)}")
+    # one extra read of A and a host sync; skipped inside torch.compile, where it would break the graph
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(A).all()):
+        raise ValueError(f"{name}: expected finite values, found NaN or Inf")
 
 
 def check_rank(name, k, A):

@@ -1,0 +1,22 @@
+// Shared by the CPU and CUDA kernels of the batched low-rank SVD (docs/ops/lowrank_svd.md).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <algorithm>
+
+namespace modalimmune {
+
+// The registered op's contract: A (b, n, d) and omega (b, n, q), both float32 or
+// both float64, with 1 <= k <= q <= min(n, d) and niter >= 0.
+inline void check_lowrank_svd_args(const at::Tensor& A, const at::Tensor& omega, int64_t k, int64_t niter) {
+  TORCH_CHECK(A.dim() == 3 && omega.dim() == 3 && A.size(0) == omega.size(0) && A.size(1) == omega.size(1),
+              "lowrank_svd: expected A (b, n, d) and omega (b, n, q)");
+  TORCH_CHECK(A.scalar_type() == omega.scalar_type() &&
+                  (A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble),
+              "lowrank_svd: A and omega must both be float32 or both float64");
+  const int64_t q = omega.size(2);
+  TORCH_CHECK(1 <= k && k <= q && q <= std::min(A.size(1), A.size(2)) && niter >= 0,
+              "lowrank_svd: need 1 <= k <= q <= min(n, d)");
+}
+
+}  // namespace modalimmune
