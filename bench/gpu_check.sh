@@ -13,9 +13,15 @@ unset TRITON_INTERPRET
 PY=${PYTHON:-python3}
 SUMMARY=()
 
+DEADLINE=${DEADLINE:-450}  # seconds: steps that would start later are skipped, so the script ends inside 8 minutes
+
 step() {  # step NAME SECONDS COMMAND...: runs with a time limit, logs to $LOGS/NAME.log
   local name=$1 limit=$2; shift 2
   local start=$SECONDS
+  if [ $((SECONDS + 30)) -gt "$DEADLINE" ]; then
+    SUMMARY+=("$(printf '%-28s %-16s' "$name" "SKIPPED (deadline)")"); return 0
+  fi
+  [ $((SECONDS + limit)) -gt "$DEADLINE" ] && limit=$((DEADLINE - SECONDS))
   timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
   local verdict=ok; [ $rc -eq 0 ] || verdict="FAILED rc=$rc"; [ $rc -eq 124 ] && verdict="TIMEOUT ${limit}s"
@@ -25,26 +31,27 @@ step() {  # step NAME SECONDS COMMAND...: runs with a time limit, logs to $LOGS/
 }
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >"$LOGS/nvidia-smi.log" 2>&1
-step build 240 $PY -m pip install --no-build-isolation --no-deps -e . || { printf '%s\n' "${SUMMARY[@]}"; exit 1; }
+step build 180 $PY -m pip install --no-build-isolation --no-deps -e . || { printf '%s\n' "${SUMMARY[@]}"; exit 1; }
 step info 60 $PY -m modalimmune info
 cat "$LOGS/info.log"
-step tests-cuda-triton 150 $PY -m pytest -q -m "cuda or triton" tests -p no:cacheprovider
+step tests-cuda-triton 120 $PY -m pytest -q -m "cuda or triton" tests -p no:cacheprovider
 if command -v compute-sanitizer >/dev/null; then
-  step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
+  step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
     $PY -m pytest -q -x -m cuda tests -k "not slow" -p no:cacheprovider
 else
   SUMMARY+=("memcheck                     SKIPPED (no compute-sanitizer)")
 fi
 for bench in bench/bench_*.py; do
   name=$(basename "$bench" .py)
-  step "$name" 90 $PY "$bench" --device cuda --quick --out "$LOGS/${name}_cuda.md"
+  step "$name" 120 $PY "$bench" --device cuda --quick
 done
 
 mkdir -p "$OUT"
+cp bench/results/*_cuda*.md "$LOGS"/ 2>/dev/null
 tar -czf "$OUT/gpu_check.tar.gz" -C "$LOGS" .
 echo
-echo "== results (tables in gpu_check.tar.gz) =="
-for table in "$LOGS"/*_cuda.md; do [ -f "$table" ] && grep -E '^\|' "$table" | head -12; done
+echo "== benchmark tables (full logs in gpu_check.tar.gz) =="
+for log in "$LOGS"/bench_*.log; do echo "-- $(basename "$log" .log)"; grep -E '^\|' "$log" | head -14; done
 echo
 echo "== gpu_check summary =="
 head -2 "$LOGS/nvidia-smi.log" | tail -1
