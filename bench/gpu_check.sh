@@ -35,8 +35,9 @@ step build 180 $PY -m pip install --no-build-isolation --no-deps -e . || { print
 step info 60 $PY -m modalimmune info
 cat "$LOGS/info.log"
 step tests-cuda-triton 120 $PY -m pytest -q -m "cuda or triton" tests -p no:cacheprovider
-if command -v compute-sanitizer >/dev/null; then
-  step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
+SANITIZER=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer 2>/dev/null)
+if [ -n "$SANITIZER" ]; then
+  step memcheck 90 "$SANITIZER" --tool memcheck --error-exitcode 3 --target-processes all \
     $PY -m pytest -q -x -m cuda tests -k "not slow" -p no:cacheprovider
 else
   SUMMARY+=("memcheck                     SKIPPED (no compute-sanitizer)")
