@@ -13,7 +13,8 @@ from modalimmune.method.controller import (InfoGainController, coalition_values,
 
 
 class ToyModel(nn.Module):
-    """Pooled embeddings of ``dims``; the fusion is a small MLP over the modalities in ``used``."""
+    """Pooled embeddings of ``dims``; the fusion is a small MLP over the modalities in ``used``,
+    a missing modality (``present`` false) replaced by its learned "missing" embedding."""
 
     def __init__(self, dims, used=None, classes=4):
         super().__init__()
@@ -21,9 +22,12 @@ class ToyModel(nn.Module):
         self.used = tuple(used or dims)
         self.fusion = nn.Sequential(nn.Linear(sum(dims[m] for m in self.used), 16), nn.Tanh())
         self.classifier = nn.Linear(16, classes)
+        self.missing = nn.ParameterDict({m: nn.Parameter(torch.randn(d)) for m, d in dims.items()})
 
     def fuse(self, embeddings, present, masks=None):
-        return self.fusion(torch.cat([embeddings[m] for m in self.used], -1))
+        parts = [torch.where(present[:, i, None], embeddings[m], self.missing[m])
+                 for i, m in enumerate(self.modalities) if m in self.used]
+        return self.fusion(torch.cat(parts, -1))
 
     def head(self, joint):
         return self.classifier(joint)
@@ -54,8 +58,10 @@ def test_information_gain_matches_hand_computed_kl():
     z = toy_batch(dims, 8)
     present = all_present(z, 2)
     p = model.head(model.fuse(z, present)).log_softmax(-1)
-    knocked = {"a": z["a"], "b": z["b"].mean(0, keepdim=True).expand(8, 2)}
-    q = model.head(model.fuse(knocked, present)).log_softmax(-1)
+    removed = present.clone()
+    removed[:, 1] = False  # knocked out = removed: the model's missing embedding stands in
+    q = model.head(model.fuse({"a": z["a"], "b": model.missing["b"].expand(8, 2)}, present)).log_softmax(-1)
+    assert torch.equal(q, model.head(model.fuse(z, removed)).log_softmax(-1))
     expected = sum(sum(math.exp(pi) * (pi - qi) for pi, qi in zip(pr.tolist(), qr.tolist()))
                    for pr, qr in zip(p, q)) / 8
     assert information_gain(model, z, present)[1].item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
@@ -188,3 +194,21 @@ def test_information_gain_ignores_dropout_noise_and_keeps_the_mode():
     gains = information_gain(model, z, all_present(z, 2))
     assert gains[1] == 0.0 and gains[0] > 0
     assert model.training
+
+
+def test_per_sample_draws_follow_pi_and_the_budget():
+    controller = InfoGainController("abcd", temperature=0.5, epsilon=0.2, max_targets=3, budget=1.2, s_min=0.3,
+                                    s_max=0.9, seed=int(torch.randint(0, 2**31, ())))
+    controller.update(torch.tensor([0.05, 0.4, 0.1, 0.0]))
+    strengths = controller.choose_per_sample(20000)
+    targeted = strengths > 0
+    assert targeted.any(1).all() and (targeted.sum(1) <= 3).all()
+    single = targeted.sum(1) == 1
+    assert (strengths[~single].sum(1) <= 1.2 + 1e-12).all()
+    expected = controller.strengths().expand_as(strengths)
+    torch.testing.assert_close(strengths[targeted], expected[targeted])
+    # one target per sample: the targets' frequencies follow pi
+    controller.max_targets, controller.budget = 1, None
+    counts = (controller.choose_per_sample(20000) > 0).sum(0)
+    assert counts.sum() == 20000
+    assert scipy.stats.chisquare(counts.numpy(), (controller.probabilities() * 20000).numpy()).pvalue > 1e-6

@@ -9,7 +9,7 @@ import torch
 
 from modalimmune import evaluate
 from modalimmune.data import MultimodalDataset
-from modalimmune.eval import metrics
+from modalimmune.eval import metrics, plots
 from modalimmune.eval.report import build_report, markdown, write_report
 from modalimmune.models import ModalImmuneModel
 from test_data import single_thread, tiny_dataset  # noqa: F401 (autouse fixture)
@@ -138,3 +138,25 @@ def test_report_layout_and_files(oracle_data, tmp_path):
     assert "| erm | 100.0 ± 0.0 |" in text and "| a+b |" in text
     for key in ("drop_rate_plot", "subset_plot"):
         assert open(paths[key], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ig_plot_from_the_runs_metrics(oracle_data, tmp_path):
+    runs = {name: [evaluate(Oracle(), oracle_data, seed=0)] for name in ("erm", "modalimmune")}
+    for name, ig in (("erm", None), ("modalimmune", (0.5, 0.1, 0.0))):
+        run_dir = tmp_path / "runs" / name / "seed0"
+        run_dir.mkdir(parents=True)
+        records = [{"event": "step", "step": 10 * k, "loss": 1.0} for k in (1, 2, 3)]
+        if ig:
+            for k, record in enumerate(records):
+                record.update({f"ig/{m}": v * (k + 1) for m, v in zip("abc", ig)})
+        records.insert(1, {"event": "val", "step": 10, "val_accuracy": 1.0})
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    steps, values = plots.ig_history(str(tmp_path / "runs" / "modalimmune" / "seed0"))
+    assert steps == [10, 20, 30] and list(values) == ["a", "b", "c"]
+    assert values["b"] == pytest.approx([0.1, 0.2, 0.3]) and values["c"] == [0.0, 0.0, 0.0]
+    assert list(plots.method_ig_histories(str(tmp_path), ["erm", "modalimmune"])) == ["modalimmune"]
+    report = build_report("toy", oracle_data.modalities, [0], runs)
+    paths = write_report(str(tmp_path), report, runs)
+    assert open(paths["ig_plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    del runs["modalimmune"], report["methods"]["modalimmune"]
+    assert "ig_plot" not in write_report(str(tmp_path / "erm_only"), report, runs)  # no run logs IG: no plot

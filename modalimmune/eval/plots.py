@@ -1,6 +1,9 @@
-"""PNG plots of a report: accuracy vs test-time drop rate (bands over seeds) and
-accuracy per missing pattern."""
+"""PNG plots of a report: accuracy vs test-time drop rate (bands over seeds),
+accuracy per missing pattern and, for the methods that log it, the
+per-modality information gain over training (from the runs' metrics.jsonl)."""
 
+import glob
+import json
 import os
 
 import matplotlib
@@ -49,9 +52,69 @@ def subset_plot(path, report):
     plt.close(fig)
 
 
+IG_PREFIX = "ig/"
+
+
+def ig_history(run_dir):
+    """``(steps, {modality: values})`` of the ``ig/<modality>`` figures of one run's
+    metrics.jsonl (step records only); empty when the run logs none."""
+    steps, values = [], {}
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return steps, values
+    with open(path) as file:
+        for line in file:
+            record = json.loads(line)
+            gains = {k[len(IG_PREFIX):]: v for k, v in record.items() if k.startswith(IG_PREFIX)}
+            if record.get("event") != "step" or not gains:
+                continue
+            steps.append(record["step"])
+            for name, value in gains.items():
+                values.setdefault(name, []).append(value)
+    return steps, values
+
+
+def method_ig_histories(out_dir, methods):
+    """Per method (in ``methods`` order): the IG histories of its seeds that log a non-zero IG
+    (the uniform controller logs zeros)."""
+    histories = {}
+    for method in methods:
+        for run_dir in sorted(glob.glob(os.path.join(glob.escape(out_dir), "runs", glob.escape(method), "seed*"))):
+            steps, values = ig_history(run_dir)
+            if steps and any(v != 0 for series in values.values() for v in series):
+                histories.setdefault(method, []).append((steps, values))
+    return histories
+
+
+def ig_plot(path, report, histories):
+    """One panel per method: IG_m (nats) against the optimizer step, mean over the seeds
+    (truncated to the shortest run, since early stopping ends seeds at different steps)."""
+    fig, axes = plt.subplots(len(histories), 1, figsize=(7, 2.6 * len(histories)), squeeze=False, sharex=True)
+    for ax, (method, runs) in zip(axes[:, 0], histories.items()):
+        length = min(len(steps) for steps, _ in runs)
+        steps = runs[0][0][:length]
+        for name in report["modalities"]:
+            series = np.array([values[name][:length] for _, values in runs if name in values])
+            if len(series):
+                ax.plot(steps, series.mean(0), label=name)
+        ax.set(ylabel="IG (nats)", title=f"{method} ({len(runs)} seeds, mean)")
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=min(6, len(report["modalities"])))
+    axes[-1, 0].set_xlabel("optimizer step")
+    fig.suptitle(f"{report['dataset']}: per-modality information gain over training", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_plots(out_dir, report):
     paths = {"drop_rate_plot": os.path.join(out_dir, "drop_rate.png"),
              "subset_plot": os.path.join(out_dir, "subsets.png")}
     drop_rate_plot(paths["drop_rate_plot"], report)
     subset_plot(paths["subset_plot"], report)
+    histories = method_ig_histories(out_dir, report["methods"])
+    if histories:
+        paths["ig_plot"] = os.path.join(out_dir, "ig.png")
+        ig_plot(paths["ig_plot"], report, histories)
     return paths

@@ -3,12 +3,13 @@
 
 The information a modality carries for the current model is the expected KL
 divergence between the predictions with all modalities and with that modality
-knocked out (collapsed at strength 1: only its mean is left),
+knocked out (collapsed at strength 1, which the method realises as removal:
+``present = False``, the model's own missing handling),
 
     IG_m = E_x KL(p(y|x) || p(y|x with m knocked out)),
 
-measured from cached embeddings (the M knocked-out copies go through fusion
-and head in one stacked pass, in eval mode; no encoder re-run) and tracked as an EMA with a count. With ``estimator="shapley"``
+measured from cached embeddings (the M copies with one modality removed go
+through fusion and head in one stacked pass, in eval mode; no encoder re-run) and tracked as an EMA with a count. With ``estimator="shapley"``
 (M <= 5) the estimate is instead the exact Shapley value of
 ``v(S) = -E KL(p(y|x) || p(y|x_S))`` from the 2^M coalitions. The target is drawn from
 
@@ -25,7 +26,6 @@ import torch
 import torch.distributed as dist
 
 from ..ops import _validate
-from .interventions import knock_out
 
 ESTIMATORS = ("ig", "shapley", "uniform")
 MAX_SHAPLEY_MODALITIES = 5
@@ -39,20 +39,21 @@ def _kl(log_p, log_q):
 @torch.no_grad()
 def _variant_predictions(model, embeddings, present, masks, variants):
     """Log-probabilities of the intact batch and of each variant (a set of modality indices kept,
-    the others knocked out): one fusion-and-head pass over the variants stacked along the batch,
-    in eval mode (no dropout noise in the comparison). Returns (intact, [per variant])."""
+    the others knocked out: removed, ``present = False``, the model's own missing handling, as
+    the collapse at strength 1 and the evaluation do): one fusion-and-head pass over the variants
+    stacked along the batch, in eval mode (no dropout noise in the comparison).
+    Returns (intact, [per variant])."""
     names = list(model.modalities)
     batch = present.shape[0]
-    knocked = {name: knock_out(z.detach()) for name, z in embeddings.items()}
-    everyone = set(range(len(names)))
-    variants = [everyone] + [set(v) for v in variants]
-    stacked = {name: torch.cat([embeddings[name].detach() if i in kept else knocked[name] for kept in variants])
-               for i, name in enumerate(names)}
-    repeat = lambda t: t.repeat(len(variants), *([1] * (t.dim() - 1)))  # noqa: E731
+    variants = [set(range(len(names)))] + [set(v) for v in variants]
+    kept = torch.tensor([[i in v for i in range(len(names))] for v in variants], device=present.device)
+    stacked_present = (present[None] & kept[:, None]).flatten(0, 1)
+    repeat = lambda t: t.detach().repeat(len(variants), *([1] * (t.dim() - 1)))  # noqa: E731
     was_training = model.training
     model.eval()
     try:
-        logits = model.head(model.fuse(stacked, repeat(present), {k: repeat(m) for k, m in (masks or {}).items()}))
+        logits = model.head(model.fuse({k: repeat(z) for k, z in embeddings.items()}, stacked_present,
+                                       {k: repeat(m) for k, m in (masks or {}).items()}))
     finally:
         model.train(was_training)
     log_p = logits.float().log_softmax(-1).split(batch)
@@ -192,21 +193,33 @@ class InfoGainController:
             return torch.full((M,), (self.s_min + self.s_max) / 2, dtype=torch.float64)
         return self.s_min + (self.s_max - self.s_min) * gains / top
 
+    def _draw(self, n):
+        """n independent draws: ``(order, strengths, taken)``, each (n, M) in draw order: the
+        modalities drawn from pi without replacement, their strengths, and which are targets (the
+        first always; then up to a count uniform in 1..``max_targets`` while the summed strength
+        stays within ``budget``)."""
+        M = len(self.modalities)
+        order = torch.multinomial(self.probabilities().expand(n, M), M, replacement=False, generator=self.generator)
+        counts = (1 + torch.randint(self.max_targets, (n,), generator=self.generator) if self.max_targets > 1
+                  else torch.ones(n, dtype=torch.int64))
+        strengths = self.strengths()[order]
+        rank = torch.arange(M)
+        taken = rank < counts[:, None]
+        if self.budget is not None:  # strengths are >= 0: the cumulative sum is monotone, so this is a prefix
+            taken &= (strengths.cumsum(1) <= self.budget) | (rank == 0)
+        return order, strengths, taken
+
     def choose(self):
-        """``[(modality index, strength), ...]``: the first target drawn from pi; then a count
-        uniform in 1..``max_targets``, the further targets drawn from pi without replacement
-        while the summed strength stays within ``budget``."""
-        order = torch.multinomial(self.probabilities(), len(self.modalities), replacement=False,
-                                  generator=self.generator).tolist()
-        count = 1 + int(torch.randint(self.max_targets, (), generator=self.generator)) if self.max_targets > 1 else 1
-        strengths = self.strengths().tolist()
-        targets, spent = [], 0.0
-        for m in order[:count]:
-            if targets and self.budget is not None and spent + strengths[m] > self.budget:
-                break
-            targets.append((m, strengths[m]))
-            spent += strengths[m]
-        return targets
+        """One set of targets: ``[(modality index, strength), ...]`` in draw order."""
+        order, strengths, taken = self._draw(1)
+        return [(int(m), float(s)) for m, s in zip(order[0][taken[0]], strengths[0][taken[0]])]
+
+    def choose_per_sample(self, n):
+        """A set of targets for each of ``n`` samples, drawn independently: a float64 (n, M)
+        matrix of strengths, 0 where a modality is not a target of that sample."""
+        order, strengths, taken = self._draw(n)
+        return torch.zeros(n, len(self.modalities), dtype=torch.float64).scatter_(
+            1, order, torch.where(taken, strengths, 0.0))
 
     def log(self):
         """Per-modality estimate, strength and probability, for the metrics log."""

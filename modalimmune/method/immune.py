@@ -70,8 +70,9 @@ class ModalImmune(Method):
     """Self-destructive training (DESIGN sections 2, 4-7). Every option is a method-spec option."""
 
     def __init__(self, controller="ig", collapse="spectral", mask="hard", hypergrad="neumann",
-                 intervention="collapse", lambda_imm=1.0, lambda_con=0.1, lambda_rank=0.01,
-                 temperature=0.05, epsilon=0.2, s_min=0.3, s_max=1.0, momentum=0.9, max_targets=1, budget=0.0,
+                 intervention="collapse", lambda_imm=3.0, lambda_con=0.1, lambda_rank=0.01,
+                 temperature=0.05, epsilon=0.2, s_min=1.0, s_max=1.0, momentum=0.9, max_targets=5, budget=0.0,
+                 per_sample=False,
                  ig_every=1, erank_k=16, quantile=0.9, beta=0.99, probe_every=10,
                  hyper_every=25, hyper_lr=0.1, hyper_max_step=0.5, hyper_damping=1.0, hyper_tol=0.05,
                  hyper_iters=50, hyper_power_iters=5, hyper_params="fusion_head", val_drop=0.5, val_batches=1):
@@ -88,6 +89,9 @@ class ModalImmune(Method):
                                        momentum=momentum, max_targets=max_targets,
                                        budget=budget if budget else None)
         self.masker_options = dict(quantile=quantile, beta=beta, probe_every=probe_every, mode=mask)
+        if not isinstance(per_sample, bool):
+            raise ValueError(f"method: modalimmune option per_sample must be true or false, got {per_sample!r}")
+        self.per_sample = per_sample
         self.ig_every = _positive("ig_every", ig_every, integer=True)
         self.erank_k = _positive("erank_k", erank_k, integer=True)
         self.hyper_every = _positive("hyper_every", hyper_every, integer=True)
@@ -149,24 +153,48 @@ class ModalImmune(Method):
         return self.phi.detach().exp()
 
     # -- the intervention ------------------------------------------------------------------------------
-    def intervene(self, embeddings, present, masks, targets):
-        """(embeddings, present, masks) of x~: each target (index, strength) destroyed."""
+    def intervene(self, embeddings, present, masks, strengths):
+        """(embeddings, present, masks) of x~: ``strengths`` (B, M) gives each sample's targets and
+        their strength (0: untouched). A modality's strength is the controller's s_m for all the
+        samples that target it, so the damaged embedding is computed once (for pooled embeddings
+        over the whole batch, whose rows are the samples) and kept on the targeted rows."""
         names = self.controller.modalities  # the indices are positions in model.modalities
         embeddings, present, masks = dict(embeddings), present.clone(), dict(masks)
-        for m, strength in targets:
-            name = names[m]
+        strengths = torch.as_tensor(strengths, dtype=torch.float64).cpu()
+        for m, name in enumerate(names):
+            targeted = strengths[:, m] > 0
+            if not targeted.any():
+                continue
+            strength = float(strengths[targeted, m].max())
+            rows = targeted.to(present.device)
             z = embeddings[name]
             if self.intervention == "remove" or (self.intervention == "collapse" and strength >= 1):
-                present[:, m] = False  # s = 1: the modality is gone; the model's own missing handling
-            elif self.intervention == "collapse":
-                embeddings[name] = collapse(z, strength, mode=self.collapse_mode, generator=self.generator)
+                present[:, m] &= ~rows  # s = 1: the modality is gone; the model's own missing handling
+                continue
+            if self.intervention == "collapse":
+                damaged = collapse(z, strength, mode=self.collapse_mode, generator=self.generator)
             elif self.intervention == "noise":  # strength s: noise power s / (1 - s) times the signal's
                 s = min(max(strength, 1e-6), 1 - 1e-6)
-                embeddings[name] = add_noise(z, 10 * math.log10((1 - s) / s), generator=self.generator)
+                damaged = add_noise(z, 10 * math.log10((1 - s) / s), generator=self.generator)
             elif z.dim() == 3:  # token dropout at rate s (pooled embeddings: no tokens to drop, left as is)
-                embeddings[name], masks[name] = token_dropout(z, masks.get(name), min(strength, 0.99),
-                                                              generator=self.generator)
+                real = masks.get(name)
+                real = torch.ones(z.shape[:2], dtype=torch.bool, device=z.device) if real is None else real
+                damaged, dropped = token_dropout(z, real, min(strength, 0.99), generator=self.generator)
+                masks[name] = torch.where(rows[:, None], dropped, real)
+            else:
+                continue
+            embeddings[name] = damaged if bool(targeted.all()) else torch.where(
+                rows.view(-1, *([1] * (z.dim() - 1))), damaged, z)
         return embeddings, present, masks
+
+    def draw_targets(self, batch_size):
+        """(B, M) strengths: one set of targets per sample (``per_sample``) or one for the batch."""
+        if self.per_sample:
+            return self.controller.choose_per_sample(batch_size)
+        strengths = torch.zeros(len(self.controller.modalities), dtype=torch.float64)
+        for m, strength in self.controller.choose():
+            strengths[m] = strength
+        return strengths.expand(batch_size, -1)
 
     # -- one step -----------------------------------------------------------------------------------------
     def training_step(self, model, batch, ctx):
@@ -174,8 +202,8 @@ class ModalImmune(Method):
         present = model.all_present(batch)
         if ctx.step % self.ig_every == 0:
             self.controller.observe(model, embeddings, present, batch.masks)
-        targets = self.controller.choose()
-        perturbed, perturbed_present, perturbed_masks = self.intervene(embeddings, present, batch.masks, targets)
+        strengths = self.draw_targets(len(batch))
+        perturbed, perturbed_present, perturbed_masks = self.intervene(embeddings, present, batch.masks, strengths)
         decode = bool(ctx.rec_weight) and getattr(model, "decodes", False)
         outputs = forward_pair(model, embeddings, perturbed, present, perturbed_present, batch.masks, decode=decode,
                                perturbed_masks=perturbed_masks)
@@ -189,8 +217,7 @@ class ModalImmune(Method):
             self.hyper_step(model, batch, embeddings, perturbed, present, perturbed_present, perturbed_masks,
                             ctx.rec_weight)
         logs.update(loss=(terms.task + destructive).item(), **terms.log(), **self.controller.log(), **self.hyper_log)
-        strengths = dict(targets)
-        logs.update({f"target/{n}": strengths.get(i, 0.0) for i, n in enumerate(model.modalities)})
+        logs.update({f"target/{n}": s for n, s in zip(model.modalities, strengths.mean(0).tolist())})
         logs.update({f"lambda/{n}": v for n, v in zip(LAMBDA_NAMES, self.lambdas().tolist())})
         return logs
 
