@@ -33,8 +33,11 @@ def _wait_for_new_checkpoint(process, path, since, timeout=60):
     """Until ``path`` changes after ``since`` (training runs) or the process ends."""
     end = time.monotonic() + timeout
     while time.monotonic() < end and process.poll() is None:
-        if os.path.exists(path) and os.stat(path).st_mtime_ns > since:
-            return True
+        try:  # the file is briefly absent while a new checkpoint rotates the old one to .prev
+            if os.stat(path).st_mtime_ns > since:
+                return True
+        except FileNotFoundError:
+            pass
         time.sleep(0.002)
     return False
 
@@ -68,7 +71,7 @@ def test_sigkill_at_random_moments_resumes_to_the_same_run(tmp_path):
     os.makedirs(cut)
     kills, during_write, finished_early = 0, 0, 0
     while kills < KILLS:
-        stamp = os.stat(cut / "checkpoint.pt").st_mtime_ns if (cut / "checkpoint.pt").exists() else 0
+        stamp = os.stat(cut / "checkpoint.pt").st_mtime_ns if (cut / "checkpoint.pt").exists() else 0  # no writer runs here
         process = subprocess.Popen(_train_command(npz, cut, epochs), env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE)
         if not _wait_for_new_checkpoint(process, str(cut / "checkpoint.pt"), stamp):

@@ -54,12 +54,16 @@ def save(path, state, keep_previous=False):
             file.flush()
             os.fsync(file.fileno())
         if keep_previous and os.path.exists(path):
-            os.replace(path, previous_path(path))
+            # a hard link, then a rename over .prev: ``path`` itself never goes missing
+            link = f"{tmp}.prev"
+            os.link(path, link)
+            os.replace(link, previous_path(path))
         os.replace(tmp, path)
         _sync_folder(folder)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for leftover in (tmp, f"{tmp}.prev"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
         raise
 
 
