@@ -58,8 +58,6 @@ def _positive(name, value, integer=False):
 
 
 def _option(name, value, options):
-    if value is False and "off" in options:  # the method-spec parser reads "off" as False
-        value = "off"
     if value not in options:
         raise ValueError(f"method: modalimmune option {name} must be one of {', '.join(options)}, got {value!r}")
     return value
