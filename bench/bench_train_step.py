@@ -78,7 +78,7 @@ def main():
     def hyper():
         embeddings = trainer.model.encode(batch)
         present = trainer.model.all_present(batch)
-        targets = method.controller.choose()
+        targets = method.draw_targets(len(batch))
         perturbed, p_present, p_masks = method.intervene(embeddings, present, batch.masks, targets)
         _, cert = method.hyper_step(trainer.model, batch, embeddings, perturbed, present, p_present, p_masks, 0.0)
         hyper.iterations.append(cert.iterations)

@@ -81,7 +81,8 @@ def test_helpers_are_no_ops_in_one_process():
     x = torch.arange(4.0)
     assert distributed.all_reduce_mean(x) is x and torch.equal(x, torch.arange(4.0))
     assert distributed.all_reduce_sum([x])[0] is x
-    assert distributed.shard(torch.arange(5)).tolist() == list(range(5))
+    assert distributed.shard_rows(5) == slice(0, 5)
+    assert torch.equal(distributed.batch_mean(x, 3), x)
     assert distributed.gather_rows(x) is x and distributed.world_size() == 1 and distributed.is_main()
     assert distributed.init_from_env() is None or distributed.launched_by_torchrun()
 
@@ -107,16 +108,26 @@ def test_torchrun_cli_trains_and_resumes(tmp_path):
     assert json.loads(again.stdout.strip().splitlines()[-1])["steps"] == summary["steps"]
 
 
-def test_modalimmune_ranks_make_the_same_decisions(tmp_path):
-    """Every rank ends with the same parameters (the controller's estimates are all-reduced,
-    the gradients summed). Equality with one process also needs the batch-level statistics
-    (collapse SVD, effective rank) over the whole batch and g_c, g_d, the probe reduced before
-    the mask: docs/distributed.md, "Methods"; until the method is wired, that part is xfail."""
-    method = "modalimmune[hyper_every=2]"
-    one = train(method, str(tmp_path / "one"), 4)
-    ranks = run_two_ranks(method, str(tmp_path / "two"), 4, str(tmp_path / "params.pt"))
-    for name in ranks[0]:
+@pytest.mark.parametrize("method", [
+    "modalimmune[hyper_every=2]",
+    # partial collapse (the SVD over the gathered rows), per-sample targets, noise, no mask
+    "modalimmune[hyper_every=2,s_min=0.5,s_max=0.5,per_sample=true,mask=soft]",
+    "modalimmune[hyper_every=3,intervention=noise,s_min=0.3,s_max=0.6,mask=off]",
+])
+def test_modalimmune_two_ranks_equal_one_process(method, tmp_path):
+    """The batch-level statistics (collapse SVD, noise power, effective rank), the draws, g_c,
+    g_d and the probe before the mask, and the hypergradient's solve are the global batch's:
+    2 ranks with half the batch each reach the parameters of 1 process (docs/distributed.md)."""
+    steps = 5  # the fifth step's last micro-batch splits 8 + 7: uneven rank shares
+    one = train(method, str(tmp_path / "one"), steps)
+    ranks = run_two_ranks(method, str(tmp_path / "two"), steps, str(tmp_path / "params.pt"))
+    for name, value in one.model.state_dict().items():
         assert torch.equal(ranks[0][name], ranks[1][name]), f"ranks disagree on {name}"
-    state = one.model.state_dict()
-    if not all(torch.allclose(ranks[0][k], v, rtol=1e-5, atol=1e-6) for k, v in state.items()):
-        pytest.xfail("modalimmune: batch-level statistics are per rank until the method uses gather_rows/reduce_mean")
+        torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    read = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    records = list(zip(read(tmp_path / "one"), read(tmp_path / "two"), strict=True))
+    assert any(a.get("hyper/solves", 0) > 0 for a, _ in records), "no hypergradient step was taken"
+    for a, b in records:
+        for key in ("loss", "term/erank", "mask/tau", "hyper/iterations", "hyper/applied_total", "lambda/imm"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), f"step {a['step']}: {key}"

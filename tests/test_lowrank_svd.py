@@ -148,6 +148,22 @@ def test_degenerate_inputs_are_finite(backend_device, case):
     torch.testing.assert_close(S.double().cpu(), torch.linalg.svdvals(A.detach().double().cpu()), rtol=1e-4, atol=1e-5)
 
 
+def test_unresolved_singular_values_give_zero_left_vectors(backend_device):
+    """float32, rank 3 plus a 1e-4 rank-5 part, k = 16: the Gram matrix's rounding leaves the
+    trailing values at ~0; their U columns are 0 (not noise / tiny), so U stays bounded and
+    the effective rank's gradient finite (docs/ops/lowrank_svd.md, "Degenerate inputs")."""
+    backend, device = backend_device
+    A = (torch.randn(4, 16, 3) @ torch.randn(4, 3, 16) + 1e-4 * torch.randn(4, 16, 5) @ torch.randn(4, 5, 16)).to(device)
+    U, S, _ = ops.lowrank_svd(A, 16, backend=backend)
+    unresolved = S <= torch.finfo(torch.float32).eps * S[..., :1]
+    assert unresolved.any()
+    assert (U.mT[unresolved] == 0).all()
+    assert U.abs().max() < torch.finfo(torch.float32).eps ** -0.5
+    H = A.clone().requires_grad_()
+    ops.effective_rank(H, k=16, backend=backend).sum().backward()
+    assert torch.isfinite(H.grad).all()
+
+
 def test_svd_backward_matches_autograd_of_full_svd():
     A = _exact_rank(9, 6)
     U, S, Vh = torch.linalg.svd(A, full_matrices=False)

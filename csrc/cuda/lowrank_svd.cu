@@ -171,7 +171,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_svd_cuda(const at::Tensor
   auto [vals, vecs] = sorted_eig(at::bmm(y.mT(), y));
   const at::Tensor w = vecs.narrow(-1, 0, k).to(A.scalar_type());
   const at::Tensor s = vals.narrow(-1, 0, k).clamp_min(0).sqrt().to(A.scalar_type());
-  const at::Tensor u = at::bmm(y, w) / s.clamp_min(tiny).unsqueeze(-2);
+  // s_i <= eps s_1 is zero to working precision: its U column is 0 (docs: "Degenerate inputs")
+  const at::Tensor inverse = at::where(s > s.narrow(-1, 0, 1) * eps, s.clamp_min(tiny).reciprocal(), 0);
+  const at::Tensor u = at::bmm(y, w) * inverse.unsqueeze(-2);
   return {u, s.contiguous(), at::bmm(z, w)};
 }
 

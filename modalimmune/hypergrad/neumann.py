@@ -84,7 +84,7 @@ def _validate_args(v, damping, alpha, tol, max_iter, power_iters, capture, check
             raise TypeError(f"v[{i}]: expected float32 or float64, got {t.dtype}")
         if t.device != device:
             raise ValueError(f"v[{i}]: expected a tensor on {device}, got {t.device}")
-    if not bool(torch.stack([torch.isfinite(t).all() for t in v]).all()):
+    if not _validate.all_finite(v):
         raise ValueError("v: expected finite values, got inf or nan")
     damping = _validate.finite_float("damping", damping, 0.0)
     tol = _validate.finite_float("tol", tol)

@@ -23,9 +23,9 @@ import itertools
 import math
 
 import torch
-import torch.distributed as dist
 
 from ..ops import _validate
+from ..train import distributed
 
 ESTIMATORS = ("ig", "shapley", "uniform")
 MAX_SHAPLEY_MODALITIES = 5
@@ -142,18 +142,13 @@ class InfoGainController:
 
     # -- estimates ------------------------------------------------------------------------------
     def measure(self, model, embeddings, present, masks=None):
-        """This batch's estimate per modality (float64, (M,)); all-reduced (mean) across
-        data-parallel ranks when a process group is up."""
+        """This batch's estimate per modality (float64, (M,)); under data parallelism the
+        whole batch's (the ranks' batch means weighted by their sample counts)."""
         if self.estimator == "shapley":
             values = shapley_values(model, embeddings, present, masks)
         else:
             values = information_gain(model, embeddings, present, masks)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            device = next(iter(embeddings.values())).device
-            reduced = values.to(device)
-            dist.all_reduce(reduced)
-            values = (reduced / dist.get_world_size()).cpu()
-        return values
+        return distributed.batch_mean(values, present.shape[0], present.device)
 
     def update(self, values, which=None):
         """Folds ``values`` (M,) into the EMAs of the modalities in ``which`` (default: all)."""

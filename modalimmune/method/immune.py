@@ -23,6 +23,7 @@ import torch
 from ..data.missing import random_present
 from ..hypergrad import implicit_hypergradient
 from ..ops import _validate
+from ..train import distributed
 from ..train.methods import Method, register_method
 from .controller import ESTIMATORS, InfoGainController
 from .interventions import COLLAPSES, add_noise, collapse, token_dropout
@@ -65,7 +66,13 @@ def _option(name, value, options):
 
 @register_method("modalimmune")
 class ModalImmune(Method):
-    """Self-destructive training (DESIGN sections 2, 4-7). Every option is a method-spec option."""
+    """Self-destructive training (DESIGN sections 2, 4-7). Every option is a method-spec option.
+
+    Data-parallel: the statistics over a batch's samples (the collapse's SVD, the effective
+    rank, the noise power, the per-sample draws) are taken over the global micro-batch, and
+    g_c, g_d and the probe are reduced before the mask (docs/distributed.md, "Methods")."""
+
+    reduces_gradients = True
 
     def __init__(self, controller="ig", collapse="spectral", mask="hard", hypergrad="neumann",
                  intervention="collapse", lambda_imm=3.0, lambda_con=0.1, lambda_rank=0.01,
@@ -151,24 +158,27 @@ class ModalImmune(Method):
         return self.phi.detach().exp()
 
     # -- the intervention ------------------------------------------------------------------------------
-    def intervene(self, embeddings, present, masks, strengths):
+    def intervene(self, embeddings, present, masks, strengths, ctx=None):
         """(embeddings, present, masks) of x~: ``strengths`` (B, M) gives each sample's targets and
         their strength (0: untouched). A modality's strength is the controller's s_m for all the
         samples that target it, so the damaged embedding is computed once (for pooled embeddings
-        over the whole batch, whose rows are the samples) and kept on the targeted rows."""
+        over the whole batch, whose rows are the samples) and kept on the targeted rows. Under
+        data parallelism (``ctx``) B is the global micro-batch: the damage is computed on its
+        gathered rows and this rank keeps its own."""
         names = self.controller.modalities  # the indices are positions in model.modalities
         embeddings, present, masks = dict(embeddings), present.clone(), dict(masks)
         strengths = torch.as_tensor(strengths, dtype=torch.float64).cpu()
+        gather, ours = (ctx.gather_rows, ctx.batch_rows(present.shape[0])[1]) if ctx else (lambda x: x, slice(None))
         for m, name in enumerate(names):
             targeted = strengths[:, m] > 0
             if not targeted.any():
                 continue
             strength = float(strengths[targeted, m].max())
             rows = targeted.to(present.device)
-            z = embeddings[name]
             if self.intervention == "remove" or (self.intervention == "collapse" and strength >= 1):
-                present[:, m] &= ~rows  # s = 1: the modality is gone; the model's own missing handling
+                present[:, m] &= ~rows[ours]  # s = 1: the modality is gone; the model's own missing handling
                 continue
+            z = gather(embeddings[name])
             if self.intervention == "collapse":
                 damaged = collapse(z, strength, mode=self.collapse_mode, generator=self.generator)
             elif self.intervention == "noise":  # strength s: noise power s / (1 - s) times the signal's
@@ -176,13 +186,14 @@ class ModalImmune(Method):
                 damaged = add_noise(z, 10 * math.log10((1 - s) / s), generator=self.generator)
             elif z.dim() == 3:  # token dropout at rate s (pooled embeddings: no tokens to drop, left as is)
                 real = masks.get(name)
-                real = torch.ones(z.shape[:2], dtype=torch.bool, device=z.device) if real is None else real
+                real = torch.ones(z.shape[:2], dtype=torch.bool, device=z.device) if real is None else gather(real)
                 damaged, dropped = token_dropout(z, real, min(strength, 0.99), generator=self.generator)
-                masks[name] = torch.where(rows[:, None], dropped, real)
+                masks[name] = torch.where(rows[:, None], dropped, real)[ours]
             else:
                 continue
-            embeddings[name] = damaged if bool(targeted.all()) else torch.where(
+            damaged = damaged if bool(targeted.all()) else torch.where(
                 rows.view(-1, *([1] * (z.dim() - 1))), damaged, z)
+            embeddings[name] = damaged[ours]
         return embeddings, present, masks
 
     def draw_targets(self, batch_size):
@@ -200,13 +211,15 @@ class ModalImmune(Method):
         present = model.all_present(batch)
         if ctx.step % self.ig_every == 0:
             self.controller.observe(model, embeddings, present, batch.masks)
-        strengths = self.draw_targets(len(batch))
-        perturbed, perturbed_present, perturbed_masks = self.intervene(embeddings, present, batch.masks, strengths)
+        strengths = self.draw_targets(ctx.batch_rows(len(batch))[0])
+        perturbed, perturbed_present, perturbed_masks = self.intervene(embeddings, present, batch.masks, strengths,
+                                                                       ctx)
         decode = bool(ctx.rec_weight) and getattr(model, "decodes", False)
         outputs = forward_pair(model, embeddings, perturbed, present, perturbed_present, batch.masks, decode=decode,
                                perturbed_masks=perturbed_masks)
-        terms = objective_terms(outputs, batch.labels, embeddings, batch.masks, erank_k=self.erank_k,
-                                generator=self.generator)
+        erank = normalised_effective_rank(ctx.gather_rows(outputs.joint_tilde), k=self.erank_k,
+                                          generator=self.generator)
+        terms = objective_terms(outputs, batch.labels, embeddings, batch.masks, erank=erank)
         destructive = terms.destructive(self.lambdas(), ctx.rec_weight)
         logs = self.mask_step(terms.task, destructive, ctx)
         if (self.hypergrad == "neumann" and ctx.step > 0 and ctx.step % self.hyper_every == 0
@@ -220,9 +233,12 @@ class ModalImmune(Method):
         return logs
 
     def mask_step(self, clean, destructive, ctx):
-        """g = g_c + M * g_d into ``p.grad`` (plain g_c + g_d for ``mask=off``); the mask's figures."""
+        """g = g_c + M * g_d into ``p.grad`` (plain g_c + g_d for ``mask=off``); the mask's figures.
+        g_c, g_d and the probe are the global batch's (``ctx.reduce_mean``), so every rank
+        masks alike."""
         if self.mask == "off":
-            ctx.backward(clean + destructive)
+            grads = ctx.reduce_mean(ctx.grads(clean + destructive))
+            ctx.accumulate(grads)
             return {}
         probe_due = self.masker.probe_due()
         g_c = torch.autograd.grad(clean, self.params, retain_graph=True, create_graph=probe_due, allow_unused=True)
@@ -231,6 +247,7 @@ class ModalImmune(Method):
             probe = self.masker.hutchinson([p * 0 if g is None else g for g, p in zip(g_c, self.params)])
         g_d = ctx.grads(destructive)
         g_c = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(g_c, self.params)]
+        ctx.reduce_mean(g_c + g_d + (probe or []))
         stats = self.masker.apply(g_c, g_d, probe)
         ctx.accumulate(g_c)
         return {"mask/masked_fraction": float(stats.masked_fraction), "mask/destr_norm": float(stats.destr_norm),
@@ -252,16 +269,22 @@ class ModalImmune(Method):
 
     def hyper_step(self, model, batch, embeddings, perturbed, present, perturbed_present, perturbed_masks, rec_weight):
         """One step of phi along the certified implicit hypergradient (encoders fixed: the embeddings
-        of this step are constants, so only the fusion layers and head are differentiated)."""
-        fixed = {k: v.detach() for k, v in embeddings.items()}
-        fixed_perturbed = {k: v.detach() for k, v in perturbed.items()}
+        of this step are constants, so only the fusion layers and head are differentiated). Under
+        data parallelism every rank solves for the global micro-batch (its rows gathered), so the
+        ranks' solves, certificates and steps of phi are the same."""
+        gather = distributed.gather_rows
+        fixed = {k: gather(v.detach()) for k, v in embeddings.items()}
+        fixed_perturbed = {k: gather(v.detach()) for k, v in perturbed.items()}
+        present, perturbed_present, labels = gather(present), gather(perturbed_present), gather(batch.labels)
+        masks = {k: gather(v) for k, v in batch.masks.items()}
+        perturbed_masks = {k: gather(v) for k, v in perturbed_masks.items()}
         decode = bool(rec_weight) and getattr(model, "decodes", False)
         val = [self.validation_batch() for _ in range(self.val_batches)]
         with torch.no_grad():
             val_embeddings = [{k: v.detach() for k, v in model.encode(b).items()} for b, _ in val]
 
         def inner_loss():
-            out = forward_pair(model, fixed, fixed_perturbed, present, perturbed_present, batch.masks,
+            out = forward_pair(model, fixed, fixed_perturbed, present, perturbed_present, masks,
                                decode=decode, perturbed_masks=perturbed_masks)
             erank = normalised_effective_rank(out.joint_tilde, k=self.erank_k, generator=self.generator)
             decoded = list(out.decoded.values()) if decode else []
@@ -269,7 +292,7 @@ class ModalImmune(Method):
 
             def loss_of_outputs(o):  # convex in the outputs except erank, where it is linear: GGN stays PSD
                 rebuilt = Outputs(o[2], o[0], o[3], o[1], dict(zip(out.decoded, o[5:])) if decode else None)
-                terms = objective_terms(rebuilt, batch.labels, fixed, batch.masks, erank=o[4])
+                terms = objective_terms(rebuilt, labels, fixed, masks, erank=o[4])
                 return terms.task + terms.destructive(self.phi.exp(), rec_weight)
             return outputs, loss_of_outputs
 

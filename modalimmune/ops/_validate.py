@@ -33,6 +33,15 @@ def finite_float(name, value, low=None, high=None, high_open=False):
     return value
 
 
+def all_finite(tensors):
+    """Whether every entry of a floating tensor (or of a list of them) is finite: one read
+    pass each (its minimum and maximum, which NaN propagates to) and one host sync, a
+    fraction of ``isfinite(t).all()``'s cost."""
+    items = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    bounds = [torch.stack(torch.aminmax(t)).double() for t in items if t.numel()]
+    return not bounds or bool(torch.isfinite(torch.cat(bounds)).all())
+
+
 def choice(name, value, options):
     if value not in options:
         raise ValueError(f"{name}: expected one of {', '.join(map(repr, options))}, got {value!r}")

@@ -74,7 +74,9 @@ def lowrank_svd_reference(A, omega, k, niter, products=_products_torch):
     vals, vecs = sorted_eigh(G)
     W = vecs[..., :k].to(A.dtype)
     S = vals[..., :k].clamp_min(0).sqrt().to(A.dtype)
-    U = (Y @ W) / S.clamp_min(torch.finfo(A.dtype).tiny).unsqueeze(-2)
+    info = torch.finfo(A.dtype)  # s_i <= eps s_1 is zero to working precision: its U column is 0
+    inverse = torch.where(S > info.eps * S[..., :1], S.clamp_min(info.tiny).reciprocal(), 0)
+    U = (Y @ W) * inverse.unsqueeze(-2)
     return U, S, Z @ W
 
 
@@ -152,6 +154,7 @@ class _LowRankSVD(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*output)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: S alone is cheap
 
     @staticmethod
     def backward(ctx, gU, gS, gV):
@@ -170,7 +173,7 @@ def check_matrices(name, A):
     if A.shape[-1] == 0 or A.shape[-2] == 0:
         raise ValueError(f"{name}: expected non-empty matrices, got shape {tuple(A.shape)}")
     # one extra read of A and a host sync; skipped inside torch.compile, where it would break the graph
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(A).all()):
+    if not torch.compiler.is_compiling() and not _validate.all_finite(A):
         raise ValueError(f"{name}: expected finite values, found NaN or Inf")
 
 

@@ -107,45 +107,71 @@ def sum_floats(values, device="cpu"):
     return all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
 
-def shard(index):
-    """This rank's contiguous part of a batch's sample ``index`` (the parts of all ranks,
-    in rank order, are the whole batch; sizes differ by at most one)."""
+def shard_rows(count):
+    """This rank's contiguous part of ``count`` rows, a slice (the parts of all ranks, in rank
+    order, are the whole; sizes differ by at most one, the larger ones first)."""
+    size, extra = divmod(count, world_size())
+    start = rank() * size + min(rank(), extra)
+    return slice(start, start + size + (rank() < extra))
+
+
+def batch_mean(values, count, device="cpu"):
+    """The whole batch's mean from this rank's batch mean ``values`` (a tensor) over
+    ``count`` samples: the count-weighted mean over the ranks (``values`` itself in one
+    process). Collectives run on ``device`` (a CUDA device under nccl)."""
     if not is_distributed():
-        return index
-    return torch.tensor_split(index, world_size())[rank()]
+        return values
+    packed = torch.cat([values.detach().reshape(-1).double() * count,
+                        torch.tensor([float(count)], dtype=torch.float64)]).to(device)
+    all_reduce_sum(packed)
+    return (packed[:-1] / packed[-1]).to(values.device, values.dtype).view_as(values)
+
+
+def _gather(x):
+    """(rows of every rank concatenated in rank order, every rank's row count). The
+    collective moves equal shapes, so the parts are padded to the longest."""
+    sizes = [torch.zeros((), dtype=torch.long, device=x.device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor(x.shape[0], device=x.device))
+    sizes = [int(s) for s in sizes]
+    wire = x.to(torch.uint8) if x.dtype == torch.bool else x  # gloo moves no bool
+    padded = wire.new_zeros((max(sizes), *x.shape[1:]))
+    padded[:x.shape[0]] = wire
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    rows = torch.cat([part[:n] for part, n in zip(parts, sizes)])
+    return rows.to(x.dtype), sizes
 
 
 class _GatherRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):
-        sizes = [torch.zeros((), dtype=torch.long, device=x.device) for _ in range(world_size())]
-        dist.all_gather(sizes, torch.tensor(x.shape[0], device=x.device))
-        sizes = [int(s) for s in sizes]
-        parts = [x.new_empty((n, *x.shape[1:])) for n in sizes]
-        dist.all_gather(parts, x.contiguous())
-        ctx.sizes = sizes
-        return torch.cat(parts)
+    def forward(ctx, x, grad_scale):
+        rows, ctx.sizes = _gather(x)
+        ctx.grad_scale = grad_scale
+        return rows
 
     @staticmethod
     def backward(ctx, grad):
-        # every rank's loss depends on every row: sum the row gradients of all ranks, keep ours
-        grad = grad.contiguous()
+        # The ranks' gradients are summed after each is multiplied by its grad_scale, so the
+        # gradient of the combined loss for our rows is sum_s scale_s grad_s, divided by ours.
+        start, count = sum(ctx.sizes[:rank()]), ctx.sizes[rank()]
+        grad = grad.contiguous() * ctx.grad_scale
         dist.all_reduce(grad)
-        return grad.split(ctx.sizes)[rank()]
+        ours = grad[start:start + count]
+        return (ours / ctx.grad_scale if count else ours), None
 
 
-def gather_rows(x):
-    """The rows of ``x`` of every rank concatenated in rank order (the global batch),
-    differentiable: a batch-level statistic (an SVD over the samples, an effective
-    rank) computed on the result is the one of the whole batch. Identity in one process."""
-    return _GatherRows.apply(x) if is_distributed() else x
+def gather_rows(x, grad_scale=1.0):
+    """The rows of ``x`` of every rank concatenated in rank order (the global batch): a
+    batch-level statistic (an SVD over the samples, an effective rank) computed on the
+    result is the one of the whole batch. Identity in one process.
 
-
-def local_rows(x, local_count):
-    """This rank's rows of a tensor built by :func:`gather_rows` (inverse of it)."""
+    Differentiable when ``x`` requires grad: the backward gives this rank's rows the
+    gradient of the loss the ranks train together, for ranks whose parameter gradients
+    are multiplied by ``grad_scale`` (each its own) and then summed; e.g. a method that
+    reduces its gradients with ``StepContext.reduce_mean`` passes ``ctx.rank_weight``
+    (``StepContext.gather_rows`` does). Bool tensors are gathered too (without gradient)."""
     if not is_distributed():
         return x
-    sizes = [torch.zeros((), dtype=torch.long, device=x.device) for _ in range(world_size())]
-    dist.all_gather(sizes, torch.tensor(local_count, device=x.device))
-    start = sum(int(s) for s in sizes[:rank()])
-    return x[start:start + local_count]
+    if x.requires_grad:
+        return _GatherRows.apply(x, float(grad_scale))
+    return _gather(x)[0]

@@ -101,6 +101,20 @@ class StepContext:
     epochs: int
     rec_weight: float = 0.0
     rank_weight: float = 1.0  # this rank's share of the batch (1 in a single process)
+    rows: slice | None = None  # this rank's rows of the micro-batch all ranks share (None: all)
+    global_rows: int | None = None  # that micro-batch's size (None: this rank's batch is all of it)
+
+    def batch_rows(self, local):
+        """(size of the global micro-batch, slice of this rank's ``local`` rows in it)."""
+        if self.global_rows is None:
+            return local, slice(0, local)
+        return self.global_rows, self.rows
+
+    def gather_rows(self, x):
+        """The global micro-batch's rows of ``x`` (:func:`distributed.gather_rows`), for a
+        statistic over the samples inside a loss differentiated with :meth:`grads` (gradients
+        that are weighted by ``rank_weight`` when the ranks' gradients are combined)."""
+        return distributed.gather_rows(x, self.rank_weight)
 
     def reduce_mean(self, tensors):
         """For methods with ``reduces_gradients = True``: the batch mean over all ranks of

@@ -272,10 +272,12 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             logs, weights = [], []
             for chunk in group:
-                local = distributed.shard(chunk)  # this rank's part of the batch
+                rows = distributed.shard_rows(len(chunk))  # this rank's part of the batch
+                local = chunk[rows]
                 weight = len(local) / len(chunk)  # its share of the batch mean
                 ctx = StepContext(self.params, (1.0 if reduces else weight) / len(group), state["step"], epoch,
-                                  config.epochs, config.rec_weight, rank_weight=weight)
+                                  config.epochs, config.rec_weight, rank_weight=weight, rows=rows,
+                                  global_rows=len(chunk))
                 batch = self.dataset.batch(index[local]).to(self.device)
                 with self.autocast():
                     logs.append(self.method.training_step(self.model, batch, ctx))
