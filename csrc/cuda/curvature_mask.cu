@@ -9,7 +9,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <map>
 
 #include "cuda/multi_tensor.cuh"
 #include "curvature_mask.h"
@@ -25,12 +24,6 @@ template <typename T>
 struct alignas(sizeof(T) * kVec) Vec {
   T v[kVec];
 };
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
-}
 
 template <typename grad_t, bool kProbe, bool kSoft>
 __global__ void __launch_bounds__(kThreads)
@@ -141,8 +134,7 @@ std::tuple<at::Tensor, at::Tensor> curvature_mask_cuda(at::TensorList grads_clea
               "curvature_mask: tensor lists differ in length");
   const at::Device device = grads_clean[0].device();
   c10::cuda::CUDAGuard guard(device);
-  // Parameters are grouped by gradient dtype: one set of launches per dtype.
-  std::map<at::ScalarType, std::vector<std::vector<at::Tensor>>> groups;
+  std::vector<std::vector<at::Tensor>> lists(4);
   for (size_t t = 0; t < count; ++t) {
     const at::Tensor& c = grads_clean[t];
     const int64_t n = c.numel();
@@ -160,8 +152,6 @@ std::tuple<at::Tensor, at::Tensor> curvature_mask_cuda(at::TensorList grads_clea
                       p.scalar_type() == at::kFloat,
                   "curvature_mask: probe ", t, " must be a contiguous float32 tensor like curvature");
     }
-    auto& lists = groups[c.scalar_type()];
-    if (lists.empty()) lists.resize(4);
     lists[0].push_back(c);
     lists[1].push_back(grads_destr[t]);
     lists[2].push_back(curvature[t]);
@@ -169,9 +159,9 @@ std::tuple<at::Tensor, at::Tensor> curvature_mask_cuda(at::TensorList grads_clea
   }
   at::Tensor stats = at::zeros({3}, grads_clean[0].options().dtype(at::kDouble));
   at::Tensor hist = at::zeros({kHistBins}, grads_clean[0].options().dtype(at::kLong));
-  for (auto& [dtype, lists] : groups) {
+  for (auto& [dtype, group] : group_by_dtype(lists)) {  // parameters grouped by gradient dtype
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "curvature_mask_cuda", [&] {
-      launch_group<scalar_t>(lists, probe.has_value(), beta, static_cast<float>(tau), soft, stats,
+      launch_group<scalar_t>(group, probe.has_value(), beta, static_cast<float>(tau), soft, stats,
                              hist);
     });
   }

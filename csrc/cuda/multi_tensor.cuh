@@ -8,6 +8,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <map>
 #include <vector>
 
 namespace modalimmune {
@@ -61,6 +62,26 @@ void multi_tensor_apply(int64_t chunk_size, const std::vector<std::vector<at::Te
     }
   }
   if (blocks > 0) launch(table, blocks);
+}
+
+// The tensors of `lists` (equal-length lists) split by the dtype of lists[0][t]:
+// a kernel is compiled for one dtype, so each group gets its own launches.
+inline std::map<at::ScalarType, std::vector<std::vector<at::Tensor>>> group_by_dtype(
+    const std::vector<std::vector<at::Tensor>>& lists) {
+  std::map<at::ScalarType, std::vector<std::vector<at::Tensor>>> groups;
+  for (size_t t = 0; t < lists[0].size(); ++t) {
+    auto& group = groups[lists[0][t].scalar_type()];
+    if (group.empty()) group.resize(lists.size());
+    for (size_t k = 0; k < lists.size(); ++k) group[k].push_back(lists[k][t]);
+  }
+  return groups;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
 }
 
 }  // namespace modalimmune

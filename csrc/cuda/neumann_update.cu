@@ -10,7 +10,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <map>
 
 #include "cuda/multi_tensor.cuh"
 
@@ -19,13 +18,6 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int64_t kChunk = 1 << 16;
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T x) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
-}
 
 // Sums x over the block; thread 0 adds the result to *out.
 template <typename T>
@@ -78,8 +70,7 @@ at::Tensor neumann_update_cuda(at::TensorList v, at::TensorList p, at::TensorLis
   TORCH_CHECK(alpha.dim() == 0 && alpha.device() == device && alpha.scalar_type() == at::kDouble,
               "neumann_update: alpha must be a 0-dim float64 tensor on ", device);
   c10::cuda::CUDAGuard guard(device);
-  // Parameters are grouped by dtype: one set of launches per dtype.
-  std::map<at::ScalarType, std::vector<std::vector<at::Tensor>>> groups;
+  std::vector<std::vector<at::Tensor>> lists(3);
   for (size_t t = 0; t < count; ++t) {
     const int64_t n = v[t].numel();
     TORCH_CHECK(v[t].device() == device && p[t].device() == device && w[t].device() == device &&
@@ -88,17 +79,15 @@ at::Tensor neumann_update_cuda(at::TensorList v, at::TensorList p, at::TensorLis
                     w[t].scalar_type() == v[t].scalar_type() &&
                     (v[t].scalar_type() == at::kFloat || v[t].scalar_type() == at::kDouble),
                 "neumann_update: parameter ", t, " has mismatched, non-contiguous, misplaced or non-float tensors");
-    auto& lists = groups[v[t].scalar_type()];
-    if (lists.empty()) lists.resize(3);
     lists[0].push_back(v[t]);
     lists[1].push_back(p[t]);
     lists[2].push_back(w[t]);
   }
   at::Tensor stats = at::zeros({2}, v[0].options().dtype(at::kDouble));
   auto stream = at::cuda::getCurrentCUDAStream();
-  for (auto& [dtype, lists] : groups) {
+  for (auto& [dtype, group] : group_by_dtype(lists)) {  // parameters grouped by dtype
     AT_DISPATCH_FLOATING_TYPES(dtype, "neumann_update_cuda", [&] {
-      multi_tensor_apply<3>(kChunk, lists, [&](const TensorTable<3>& table, int blocks) {
+      multi_tensor_apply<3>(kChunk, group, [&](const TensorTable<3>& table, int blocks) {
         neumann_update_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
             table, alpha.data_ptr<double>(), static_cast<scalar_t>(damping), stats.data_ptr<double>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
