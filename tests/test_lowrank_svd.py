@@ -145,7 +145,9 @@ def test_degenerate_inputs_are_finite(backend_device, case):
     (U.sum() + S.sum() + V.sum()).backward()
     for t in (U, S, V, A.grad):
         assert torch.isfinite(t).all()
-    torch.testing.assert_close(S.double().cpu(), torch.linalg.svdvals(A.detach().double().cpu()), rtol=1e-4, atol=1e-5)
+    # a Gram-based float32 value is resolved to ~sqrt(eps) s_1 absolute (a random 2x2 may have s_2 ~ 1e-5)
+    exact = torch.linalg.svdvals(A.detach().double().cpu())
+    torch.testing.assert_close(S.double().cpu(), exact, rtol=1e-4, atol=1e-3 * float(exact.max()) + 1e-6)
 
 
 def test_unresolved_singular_values_give_zero_left_vectors(backend_device):
