@@ -58,6 +58,9 @@ def _add_training_options(parser):
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--patience", type=int, default=10, help="early-stopping patience in epochs (0: off)")
+    parser.add_argument("--select", choices=("clean", "robust"), default="clean",
+                        help="model selection and early stopping on the clean validation accuracy, or on its "
+                             "mean with the accuracy under random missing modalities")
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--device", default="auto")
@@ -69,7 +72,7 @@ def _add_training_options(parser):
 def _training_config(args):
     return dict(epochs=args.epochs, model=args.model, model_options={"decode": True} if args.decode else {},
                 rec_weight=args.rec_weight, batch_size=args.batch_size, lr=args.lr, grad_accum=args.grad_accum,
-                patience=args.patience, split_seed=args.split_seed, bf16=args.bf16, device=args.device,
+                patience=args.patience, select=args.select, split_seed=args.split_seed, bf16=args.bf16, device=args.device,
                 progress=not args.no_progress)
 
 

@@ -159,6 +159,7 @@ CASES = [
     ("config/lr", lambda w: (TrainConfig, (), {"lr": float("inf")}), ValueError, r"config\.lr"),
     ("config/lr-zero", lambda w: (TrainConfig, (), {"lr": 0}), ValueError, r"config\.lr"),
     ("config/bf16", lambda w: (TrainConfig, (), {"bf16": True}), ValueError, r"config\.bf16"),
+    ("config/select", lambda w: (TrainConfig, (), {"select": "missing"}), ValueError, r"config\.select"),
     ("config/warmup", lambda w: (TrainConfig, (), {"warmup_fraction": 2}), ValueError, r"config\.warmup_fraction"),
     ("config/nonfinite", lambda w: (TrainConfig, (), {"max_nonfinite_steps": -1}), ValueError,
      r"config\.max_nonfinite_steps"),

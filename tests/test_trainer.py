@@ -64,6 +64,25 @@ def test_early_stopping(data):
     assert summary["stopped_early"] and summary["epochs"] == 3
 
 
+def test_robust_selection_keeps_the_best_clean_and_missing_mean(data, tmp_path):
+    trainer = make(data, tmp_path, select="robust", epochs=5, lr=5e-3)
+    trainer.fit()
+    vals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in vals if r["event"] == "val"]
+    for r in vals:
+        assert r["val_score"] == pytest.approx((r["val_accuracy"] + r["val_missing_accuracy"]) / 2)
+    scores = [r["val_score"] for r in vals]
+    assert trainer.state["best_accuracy"] == max(scores)
+    assert trainer.state["best_epoch"] == scores.index(max(scores))
+    assert trainer.validate() == trainer.validate()  # the same missing patterns every time
+    seen = []  # the missing patterns drop modalities and keep at least one per sample
+    forward = trainer.model.forward
+    trainer.model.forward = lambda batch, present=None: seen.append(present) or forward(batch, present)
+    trainer.validate()
+    patterns = torch.cat([p for p in seen if p is not None])
+    assert len(patterns) == data.split_size("val") and not patterns.all() and patterns.any(1).all()
+
+
 def test_metrics_jsonl_and_exported_model(data, tmp_path):
     trainer = make(data, tmp_path, log_every=2)
     trainer.fit()

@@ -17,6 +17,13 @@ def _float(name, value, low, high=math.inf, low_open=False):
         raise ValueError(f"config.{name}: expected a number in {bounds}, got {value!r}")
 
 
+# Model selection and early stopping: "clean" on the validation accuracy with every modality;
+# "robust" on the mean of that and the accuracy with random missing modalities (each dropped
+# with probability VAL_DROP, at least one kept; the same patterns every epoch).
+SELECTIONS = ("clean", "robust")
+VAL_DROP = 0.5
+
+
 @dataclass
 class TrainConfig:
     """``method`` is a method name with optional options, ``"moddrop[p=0.3]"``
@@ -31,6 +38,7 @@ class TrainConfig:
     grad_accum: int = 1                # micro-batches per optimizer step
     max_grad_norm: float = 1.0         # 0: no clipping
     patience: int = 10                 # epochs without a better validation accuracy; 0: never stop early
+    select: str = "clean"              # what "better" means: "clean" val accuracy, or "robust" (see SELECTIONS)
     seed: int = 0
     split_seed: int = 0
     bf16: str = "auto"                 # "auto" (CUDA with bf16 support), "on", "off"
@@ -55,6 +63,8 @@ class TrainConfig:
         _float("warmup_fraction", self.warmup_fraction, 0, 1)
         _float("max_grad_norm", self.max_grad_norm, 0)
         _float("rec_weight", self.rec_weight, 0)
+        if self.select not in SELECTIONS:
+            raise ValueError(f"config.select: expected one of {', '.join(map(repr, SELECTIONS))}, got {self.select!r}")
         if self.bf16 not in ("auto", "on", "off"):
             raise ValueError(f"config.bf16: expected 'auto', 'on' or 'off', got {self.bf16!r}")
         if not isinstance(self.progress, bool):

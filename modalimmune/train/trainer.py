@@ -19,7 +19,8 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, distributed
-from .config import TrainConfig
+from ..data.missing import random_present
+from .config import VAL_DROP, TrainConfig
 from .methods import StepContext, build_method
 
 CHECKPOINT = "checkpoint.pt"
@@ -154,17 +155,29 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self):
+        """Validation loss and accuracy with every modality; with ``config.select="robust"`` also the
+        accuracy with random missing modalities (the same patterns every epoch) and ``val_score``,
+        the figure that selects the model (docs/method_training.md, "Model selection")."""
         self.model.eval()
-        correct, loss = 0, 0.0
+        robust = self.config.select == "robust"
+        patterns = torch.Generator().manual_seed(self.config.split_seed + 65537)
+        correct, missing_correct, loss = 0, 0, 0.0
         for batch in self.dataset.batches("val", 512):
             batch = batch.to(self.device)
             with self.autocast():
                 logits = self.model(batch).float()
+                if robust:
+                    present = random_present(len(batch), len(self.dataset.modalities), VAL_DROP, patterns)
+                    missing = self.model(batch, present.to(self.device)).float()
+                    missing_correct += (missing.argmax(-1) == batch.labels).sum().item()
             loss += torch.nn.functional.cross_entropy(logits, batch.labels, reduction="sum").item()
             correct += (logits.argmax(-1) == batch.labels).sum().item()
         self.model.train()
         n = max(1, self.dataset.split_size("val"))
-        return {"val_loss": loss / n, "val_accuracy": correct / n}
+        val = {"val_loss": loss / n, "val_accuracy": correct / n}
+        if robust:
+            val.update(val_missing_accuracy=missing_correct / n, val_score=(correct + missing_correct) / (2 * n))
+        return val
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self):
@@ -345,8 +358,9 @@ class Trainer:
     def _end_epoch(self):
         config, state = self.config, self.state
         val = self.validate()
-        if val["val_accuracy"] > state["best_accuracy"]:
-            state.update(best_accuracy=val["val_accuracy"], best_epoch=state["epoch"], bad_epochs=0)
+        score = val.get("val_score", val["val_accuracy"])
+        if score > state["best_accuracy"]:  # the best selection figure (config.select)
+            state.update(best_accuracy=score, best_epoch=state["epoch"], bad_epochs=0)
             self.best_model = copy.deepcopy(self.model.state_dict())
         else:
             state["bad_epochs"] += 1
