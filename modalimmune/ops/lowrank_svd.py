@@ -194,10 +194,11 @@ def _nonnegative_int(name, value):
 
 
 def sketch(A, q, generator):
-    """The Gaussian sketch Omega (..., n, q), drawn with ``generator`` (on its own device) in A's dtype."""
+    """The Gaussian sketch Omega (..., n, q) in A's dtype: one n x q draw with ``generator`` (on its
+    own device) shared by every matrix of the batch (docs/ops/lowrank_svd.md, "Sketch")."""
     device = generator.device if generator is not None else A.device
-    shape = (*A.shape[:-1], q)
-    return torch.randn(shape, generator=generator, dtype=A.dtype, device=device).to(A.device)
+    omega = torch.randn((A.shape[-2], q), generator=generator, dtype=A.dtype, device=device).to(A.device)
+    return omega.expand(*A.shape[:-1], q)
 
 
 def lowrank_svd(A, k, *, oversample=8, niter=2, generator=None, backend="auto"):
@@ -213,7 +214,7 @@ def lowrank_svd(A, k, *, oversample=8, niter=2, generator=None, backend="auto"):
 
     Returns:
         (U (..., n, k), S (..., k) descending, V (..., d, k)) in A's dtype, differentiable.
-        Columns of U belonging to singular values that are zero are zero.
+        Columns of U belonging to singular values at or below eps * S[..., 0] are zero.
     """
     check_matrices("A", A)
     check_rank("k", k, A)
