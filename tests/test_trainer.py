@@ -76,10 +76,10 @@ def test_robust_selection_keeps_the_best_clean_and_missing_mean(data, tmp_path):
     assert trainer.state["best_epoch"] == scores.index(max(scores))
     assert trainer.validate() == trainer.validate()  # the same missing patterns every time
     seen = []  # the missing patterns drop modalities and keep at least one per sample
-    forward = trainer.model.forward
-    trainer.model.forward = lambda batch, present=None: seen.append(present) or forward(batch, present)
+    fuse = trainer.model.fuse
+    trainer.model.fuse = lambda embeddings, present, masks=None: seen.append(present) or fuse(embeddings, present, masks)
     trainer.validate()
-    patterns = torch.cat([p for p in seen if p is not None])
+    patterns = torch.cat(seen[1::2])  # per batch: the clean pass, then the missing one
     assert len(patterns) == data.split_size("val") and not patterns.all() and patterns.any(1).all()
 
 

@@ -159,16 +159,17 @@ class Trainer:
         accuracy with random missing modalities (the same patterns every epoch) and ``val_score``,
         the figure that selects the model (docs/method_training.md, "Model selection")."""
         self.model.eval()
-        robust = self.config.select == "robust"
-        patterns = torch.Generator().manual_seed(self.config.split_seed + 65537)
+        model, robust = self.model, self.config.select == "robust"
+        patterns = torch.Generator().manual_seed(self.config.split_seed + 65537) if robust else None
         correct, missing_correct, loss = 0, 0, 0.0
         for batch in self.dataset.batches("val", 512):
             batch = batch.to(self.device)
             with self.autocast():
-                logits = self.model(batch).float()
+                embeddings = model.encode(batch)  # once: the missing patterns reuse them
+                logits = model.head(model.fuse(embeddings, model.all_present(batch), batch.masks)).float()
                 if robust:
                     present = random_present(len(batch), len(self.dataset.modalities), VAL_DROP, patterns)
-                    missing = self.model(batch, present.to(self.device)).float()
+                    missing = model.head(model.fuse(embeddings, present.to(self.device), batch.masks)).float()
                     missing_correct += (missing.argmax(-1) == batch.labels).sum().item()
             loss += torch.nn.functional.cross_entropy(logits, batch.labels, reduction="sum").item()
             correct += (logits.argmax(-1) == batch.labels).sum().item()
