@@ -100,9 +100,13 @@ class StepContext:
     epoch: int
     epochs: int
     rec_weight: float = 0.0
-    rank_weight: float = 1.0  # this rank's share of the batch (1 in a single process)
     rows: slice | None = None  # this rank's rows of the micro-batch all ranks share (None: all)
     global_rows: int | None = None  # that micro-batch's size (None: this rank's batch is all of it)
+
+    @property
+    def rank_weight(self):
+        """This rank's share of the micro-batch (1 in a single process)."""
+        return 1.0 if self.global_rows is None else (self.rows.stop - self.rows.start) / self.global_rows
 
     def batch_rows(self, local):
         """(size of the global micro-batch, slice of this rank's ``local`` rows in it)."""

@@ -290,8 +290,7 @@ class Trainer:
                 local = chunk[rows]
                 weight = len(local) / len(chunk)  # its share of the batch mean
                 ctx = StepContext(self.params, (1.0 if reduces else weight) / len(group), state["step"], epoch,
-                                  config.epochs, config.rec_weight, rank_weight=weight, rows=rows,
-                                  global_rows=len(chunk))
+                                  config.epochs, config.rec_weight, rows=rows, global_rows=len(chunk))
                 batch = self.dataset.batch(index[local]).to(self.device)
                 with self.autocast():
                     logs.append(self.method.training_step(self.model, batch, ctx))
