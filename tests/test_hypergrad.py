@@ -379,21 +379,20 @@ def test_captured_implicit_hypergradient_matches_eager():
 
 
 def test_curvature_products_through_fused_attention():
-    """A double backward through the fused CPU/GPU attention kernels is not implemented: the
-    products build their graphs with the math kernel (``_vectors.twice_differentiable``)."""
-    q, kv = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 6, 4)
-    params = [torch.randn(4, 4), torch.randn(4, 4)]
+    """A double backward through the fused attention kernels (chosen on the CPU in float64 too) is
+    not implemented: the products build their graphs with the math kernel
+    (``_vectors.twice_differentiable``) and match the products of an explicit softmax attention."""
+    q, kv = torch.randn(3, 2, 5, 4, dtype=F64), torch.randn(3, 2, 6, 4, dtype=F64)
+    params = [torch.randn(4, 4, dtype=F64), torch.randn(4, 4, dtype=F64)]
     v = [torch.randn_like(p) for p in params]
     model_fn = lambda wq, wk: torch.nn.functional.scaled_dot_product_attention(q @ wq, kv @ wk, kv)  # noqa: E731
+    math_model = lambda wq, wk: torch.softmax((q @ wq) @ (kv @ wk).mT / 2, -1) @ kv  # noqa: E731
     loss_fn = lambda out: out.square().sum()  # noqa: E731
-    flat = torch.cat([p.flatten() for p in params]).double()
+    flat, vflat = (torch.cat([t.flatten() for t in ts]) for ts in (params, v))
     split = lambda f: (f[:16].reshape(4, 4), f[16:].reshape(4, 4))  # noqa: E731
-    math_model = lambda wq, wk: torch.softmax((q.double() @ wq) @ (kv.double() @ wk).mT / 2, -1) @ kv.double()  # noqa: E731
     jac = torch.autograd.functional.jacobian(lambda f: math_model(*split(f)).flatten(), flat)
-    vflat = torch.cat([t.flatten() for t in v]).double()
-    expected = 2 * jac.T @ jac @ vflat
     got = torch.cat([g.flatten() for g in ggn_vp(model_fn, loss_fn, params, v)])
-    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, 2 * jac.T @ jac @ vflat, rtol=1e-10, atol=1e-10)
     _, expected = torch.autograd.functional.hvp(lambda f: loss_fn(math_model(*split(f))), flat, vflat)
     got = torch.cat([h.flatten() for h in hvp(lambda wq, wk: loss_fn(model_fn(wq, wk)), params, v)])
-    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
