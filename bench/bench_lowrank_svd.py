@@ -13,7 +13,10 @@ the floor time:
     bytes = |A| * (2 + niter)                 (one pass per product round; A^T (A Z) reads A once)
 
 with the matrix-product rate (a large torch.mm in the same dtype) and the copy
-bandwidth (a large clone) measured in the same run. Reports floor / measured.
+bandwidth (a large clone) measured for each shape in the same interleaved rounds as
+the decompositions (round r times every function once), so that a change of the
+machine's load between shapes moves the floor and the measured time alike.
+Reports floor / measured.
 
     python bench/bench_lowrank_svd.py [--device cuda] [--quick] [--backend auto]
 """
@@ -33,27 +36,28 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, repeats):
-    fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def timed(fns, device, repeats):
+    """Best time of each function of the dict ``fns``, timed in interleaved rounds."""
+    best = dict.fromkeys(fns, float("inf"))
+    for fn in fns.values():
         fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
+    sync(device)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
-def mm_rate(device, dtype, repeats):
+def limits(device, dtype):
+    """The two physical limits as timed functions: ``{name: (fn, work)}`` with work in flops
+    (a large square product) and bytes (read and write of a 512 MiB clone)."""
     size = 4096 if device.type == "cuda" else 2048
     a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
-    return 2 * size ** 3 / timed(lambda: a @ b, device, repeats)
-
-
-def copy_bandwidth(device, repeats):
-    x = torch.empty(1 << 27, device=device, dtype=torch.float32)  # 512 MiB
-    return 2 * x.numel() * 4 / timed(x.clone, device, repeats)
+    x = torch.empty(1 << 27, device=device, dtype=torch.float32)
+    return {"mm": (lambda: a @ b, 2 * size ** 3), "copy": (x.clone, 2 * x.numel() * 4)}
 
 
 def test_matrices(batch, n, d, device, dtype):
@@ -86,22 +90,24 @@ def main():
     device = torch.device(args.device)
     dtype = torch.float32
     repeats = 3 if args.quick else 7
-    rate = mm_rate(device, dtype, repeats)
-    bandwidth = copy_bandwidth(device, repeats)
-    print(f"device {device}, backend {args.backend}, float32, oversample {args.oversample}, niter {args.niter}")
-    print(f"matrix-product rate {rate / 1e9:.1f} GFLOP/s, copy bandwidth {bandwidth / 1e9:.1f} GB/s\n")
+    limit = limits(device, dtype)
+    print(f"device {device}, backend {args.backend}, float32, oversample {args.oversample}, niter {args.niter}\n")
     print("| shape | k | lowrank_svd ms | svd_lowrank ms | linalg.svd ms | speed-up vs svd_lowrank | vs svd "
-          "| floor ms | floor/measured | rel err S, mean (ours / svd_lowrank) | rel err S, max (ours / svd_lowrank) "
-          "| sin angle V, mean (ours / svd_lowrank) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| GFLOP/s (mm) | GB/s (copy) | floor ms | floor/measured | rel err S, mean (ours / svd_lowrank) "
+          "| rel err S, max (ours / svd_lowrank) | sin angle V, mean (ours / svd_lowrank) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for batch, n, d, k in SHAPES:
         q = min(k + args.oversample, n, d)
         A = test_matrices(batch, n, d, device, dtype)
         ours = lambda: ops.lowrank_svd(A, k, oversample=args.oversample, niter=args.niter, backend=args.backend)  # noqa: E731
         theirs = lambda: torch.svd_lowrank(A, q=q, niter=args.niter)  # noqa: E731
-        t_ours, t_theirs = timed(ours, device, repeats), timed(theirs, device, repeats)
+        best = timed({"ours": ours, "theirs": theirs, **{name: fn for name, (fn, _) in limit.items()}}, device,
+                     repeats)
+        t_ours, t_theirs = best["ours"], best["theirs"]
+        rate, bandwidth = (limit[name][1] / best[name] for name in ("mm", "copy"))
         full_svd = not args.quick or batch * n * d <= 1 << 22
-        t_svd = timed(lambda: torch.linalg.svd(A, full_matrices=False), device, max(1, repeats // 3)) if full_svd else float("nan")
+        svd = lambda: torch.linalg.svd(A, full_matrices=False)  # noqa: E731
+        t_svd = timed({"svd": svd}, device, max(1, repeats // 3))["svd"] if full_svd else float("nan")
         flops = 2 * n * d * q * (2 + 2 * args.niter) * batch
         bytes_moved = A.numel() * A.element_size() * (2 + args.niter)
         floor = max(flops / rate, bytes_moved / bandwidth)
@@ -111,7 +117,8 @@ def main():
         err, err_max, angle = accuracy(S, V, Sf, Vh.mT, k)
         err_t, err_max_t, angle_t = accuracy(St, Vt, Sf, Vh.mT, k)
         print(f"| {batch}x({n}x{d}) | {k} | {t_ours * 1e3:.2f} | {t_theirs * 1e3:.2f} | {t_svd * 1e3:.1f} "
-              f"| {t_theirs / t_ours:.2f}x | {t_svd / t_ours:.1f}x | {floor * 1e3:.2f} | {floor / t_ours:.2f} "
+              f"| {t_theirs / t_ours:.2f}x | {t_svd / t_ours:.1f}x "
+              f"| {rate / 1e9:.0f} | {bandwidth / 1e9:.1f} | {floor * 1e3:.2f} | {floor / t_ours:.2f} "
               f"| {err:.1e} / {err_t:.1e} | {err_max:.1e} / {err_max_t:.1e} | {angle:.1e} / {angle_t:.1e} |",
               flush=True)
 
