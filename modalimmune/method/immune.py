@@ -1,8 +1,8 @@
 """``method="modalimmune"``: the ModalImmune training step (docs/method_training.md, "Training step").
 
-Each micro-batch: encode once; the controller (every ``ig_every`` steps)
-measures each modality's information gain from the cached embeddings and
-picks targets and strengths; the intervention destroys them; the objective
+Each micro-batch: encode once; the controller measures each modality's
+information gain from the cached embeddings (every ``ig_every`` steps) and
+picks targets and strengths (every step); the intervention destroys them; the objective
 gives the clean loss and the destructive part; their gradients g_c and g_d
 are combined by the curvature mask (Hutchinson probe of the clean loss every
 ``probe_every`` steps) into ``p.grad``. Every ``hyper_every`` optimizer steps
@@ -78,7 +78,7 @@ class ModalImmune(Method):
                  intervention="collapse", lambda_imm=3.0, lambda_con=0.1, lambda_rank=0.01,
                  temperature=0.05, epsilon=0.2, s_min=1.0, s_max=1.0, momentum=0.9, max_targets=5, budget=0.0,
                  per_sample=False,
-                 ig_every=1, erank_k=16, quantile=0.9, beta=0.99, probe_every=10,
+                 ig_every=4, erank_k=16, quantile=0.9, beta=0.99, probe_every=10,
                  hyper_every=25, hyper_lr=0.1, hyper_max_step=0.5, hyper_damping=1.0, hyper_tol=0.05,
                  hyper_iters=50, hyper_power_iters=5, hyper_params="fusion_head", val_drop=0.5, val_batches=1):
         self.controller_kind = _option("controller", controller, ESTIMATORS)
