@@ -71,6 +71,28 @@ def test_a_priori_iteration_count_is_honoured():
     assert cert.iterations <= cert.a_priori_iterations
 
 
+@settings(max_examples=60, deadline=None)
+@given(scale=st.floats(-4.0, 6.0), c=st.sampled_from([0.1, 0.25, 1.0]), seed=st.integers(0, 2**31 - 1))
+def test_relative_damping_bounds_the_iterations_at_any_scale(scale, c, seed):
+    """damping = max(delta, c lambda_max(A)): the a-priori count depends on c and tol only, the
+    solve is certified within it, and the bound holds for the damped system actually solved."""
+    generator = torch.Generator().manual_seed(seed)
+    a = 10**scale * _psd(40, 1e3, generator)
+    b = torch.randn(40, dtype=F64, generator=generator)
+    tol, delta = 1e-6, 1e-3
+    x, cert = neumann_solve(lambda v: a @ v, b, damping=delta, relative_damping=c, tol=tol, max_iter=1000,
+                            power_iters=60, assume_psd=True)
+    lam_max = torch.linalg.eigvalsh(a)[-1].item()
+    estimate = cert.lambda_max - cert.damping  # the power iteration's lambda_max(A): a Rayleigh quotient
+    assert 0.5 * lam_max <= estimate <= lam_max * (1 + 1e-9)
+    assert cert.damping == pytest.approx(max(delta, c * estimate), rel=1e-9)
+    assert cert.certified and cert.iterations <= cert.a_priori_iterations
+    # the power iteration underestimates lambda_max a little: the count is that of rho = 1 - c / (1 + c)
+    assert cert.a_priori_iterations <= math.ceil(math.log(tol) / math.log(1 - c / (1 + c) * 0.999))
+    exact = torch.linalg.solve(a + cert.damping * torch.eye(40, dtype=F64), b)
+    assert (x - exact).norm().item() <= cert.error_bound * (1 + 1e-9) + 1e-12
+
+
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_list_structure_and_backends(backend):
     """v as a list of differently shaped tensors (a block-diagonal system)."""
@@ -152,7 +174,8 @@ def test_warm_start_and_zero_rhs():
         cert.certified = False  # frozen
 
 
-BAD_OPTIONS = {"damping": -1.0, "tol": 0.0, "max_iter": 0, "alpha": -1.0, "capture": True, "backend": "cuda"}
+BAD_OPTIONS = {"damping": -1.0, "tol": 0.0, "max_iter": 0, "alpha": -1.0, "capture": True, "backend": "cuda",
+               "relative_damping": -0.1}
 
 
 @pytest.mark.parametrize("case, error, name", [
@@ -166,6 +189,8 @@ BAD_OPTIONS = {"damping": -1.0, "tol": 0.0, "max_iter": 0, "alpha": -1.0, "captu
     ("alpha", ValueError, "alpha"),
     ("capture", ValueError, "capture"),
     ("backend", RuntimeError, "backend"),
+    ("relative_damping", ValueError, "relative_damping"),
+    ("relative_damping_with_alpha", ValueError, "relative_damping"),
 ])
 def test_bad_input(case, error, name):
     b = torch.randn(4, dtype=F64)
@@ -178,6 +203,8 @@ def test_bad_input(case, error, name):
         matvec = lambda v: v.float()  # noqa: E731
     elif case == "nonfinite":
         b[1] = float("nan")
+    elif case == "relative_damping_with_alpha":
+        kwargs = {"relative_damping": 0.5, "alpha": 0.1}
     else:
         kwargs = {case: BAD_OPTIONS[case]}
     before = b.clone()

@@ -103,11 +103,13 @@ def test_hypergradient_moves_phi_when_certified(data, monkeypatch):
 
 def test_hypergradient_through_the_attention_model(data):
     """The fusion transformer's attention (a fused kernel in training) is differentiated twice by the
-    solve: the step runs, solves and keeps phi finite."""
+    solve; the damping relative to the curvature's scale certifies it within ``hyper_iters``."""
     trainer = make(data, "modalimmune[hyper_every=1]", model="transformer")
     one_step(trainer, step=0)
     logs = one_step(trainer, step=1)
     assert logs["hyper/solves"] == 1 and logs["hyper/iterations"] > 0
+    assert logs["hyper/certified"] == 1.0 and logs["hyper/applied"] == 1.0
+    assert logs["hyper/damping"] >= trainer.method.hyper_damping
     assert torch.isfinite(trainer.method.phi).all()
 
 
@@ -183,7 +185,8 @@ def test_resume_restores_the_whole_method_state(data, tmp_path):
     ("modalimmune[controller=oracle]", "controller"), ("modalimmune[collapse=half]", "collapse"),
     ("modalimmune[mask=maybe]", "mask"), ("modalimmune[hypergrad=exact]", "hypergrad"),
     ("modalimmune[lambda_imm=-1]", "lambda_imm"), ("modalimmune[hyper_every=0]", "hyper_every"),
-    ("modalimmune[val_drop=1]", "val_drop"), ("modalimmune[speed=2]", "speed")])
+    ("modalimmune[val_drop=1]", "val_drop"), ("modalimmune[hyper_rel_damping=-0.5]", "hyper_rel_damping"),
+    ("modalimmune[speed=2]", "speed")])
 def test_bad_options(spec, name):
     with pytest.raises(ValueError, match=name):
         build_method(spec)

@@ -83,7 +83,8 @@ def implicit_hypergradient(inner_loss, outer_loss, params, hparams, *, curvature
             (certified only with ``assume_psd=True``).
         damping, tol, max_iter, assume_psd: as for :func:`neumann_solve`.
         solver_options: further :func:`neumann_solve` options (``backend``,
-            ``capture``, ``check_every``, ``power_iters``, ``alpha``, ``power_init``).
+            ``capture``, ``check_every``, ``power_iters``, ``alpha``, ``power_init``,
+            ``relative_damping``).
 
     Returns:
         ``(g, cert)``: ``g`` a list matching ``hparams``; ``cert`` the solver's

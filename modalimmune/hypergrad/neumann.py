@@ -106,7 +106,8 @@ def _validate_args(v, damping, alpha, tol, max_iter, power_iters, capture, check
 
 
 def neumann_solve(matvec, v, *, damping=0.0, alpha=None, tol=1e-3, max_iter=200, power_iters=20,
-                  assume_psd=False, backend="auto", capture=False, check_every=None, power_init=None):
+                  assume_psd=False, backend="auto", capture=False, check_every=None, power_init=None,
+                  relative_damping=0.0):
     """Solves ``(A + damping I) x = v`` by the truncated Neumann series, with a certificate.
 
     Args:
@@ -114,6 +115,11 @@ def neumann_solve(matvec, v, *, damping=0.0, alpha=None, tol=1e-3, max_iter=200,
             (a Tensor or a list of Tensors of the same shapes, dtype and device).
         v: the right-hand side (float32/float64, finite).
         damping: delta >= 0, added to ``A``; the error bound is ``||v_K|| / delta``.
+        relative_damping: c >= 0: the damping used is ``max(damping, c * lambda_max(A))``
+            with ``lambda_max(A)`` from the power iteration (which then runs first), so
+            that the contraction ``rho <= 1 - c / (1 + c)`` and the a-priori iteration
+            count do not depend on the curvature's scale (docs/hypergrad.md,
+            "Damping"); the certificate reports the damping used. Needs ``alpha=None``.
         alpha: the step; default ``1 / lambda_max`` from ``power_iters`` power iterations.
         tol: stop once ``||v_K|| <= tol ||v||``.
         max_iter: at most this many iterations (one product each).
@@ -135,6 +141,9 @@ def neumann_solve(matvec, v, *, damping=0.0, alpha=None, tol=1e-3, max_iter=200,
     """
     vectors, single, damping, tol, impl = _validate_args(
         v, damping, alpha, tol, max_iter, power_iters, capture, check_every, backend)
+    relative_damping = _validate.finite_float("relative_damping", relative_damping, 0.0)
+    if relative_damping > 0.0 and alpha is not None:
+        raise ValueError("relative_damping: needs the power iteration's lambda_max, so alpha must be None")
     v0 = [t.detach().contiguous().clone() for t in vectors]
     apply = _checked_matvec(matvec, v0, single)
     v0_norm = math.sqrt(float(_vectors.dot(v0, v0)))
@@ -145,6 +154,9 @@ def neumann_solve(matvec, v, *, damping=0.0, alpha=None, tol=1e-3, max_iter=200,
     if alpha is None:
         start = v0 if power_init is None else _vectors.match("power_init", power_init, v0, single)
         lambda_max, power_min, eigvec = _power_iteration(apply, damping, start, power_iters)
+        # the same eigenvectors with every eigenvalue shifted by the added damping
+        added = max(0.0, relative_damping * (lambda_max - damping) - damping)
+        damping, lambda_max, power_min = damping + added, lambda_max + added, power_min + added
         alpha = 1.0 / abs(lambda_max) if lambda_max != 0.0 else 1.0
     else:
         lambda_max, power_min, eigvec = math.nan, math.inf, []

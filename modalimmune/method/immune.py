@@ -79,8 +79,8 @@ class ModalImmune(Method):
                  temperature=0.05, epsilon=0.2, s_min=1.0, s_max=1.0, momentum=0.9, max_targets=5, budget=0.0,
                  per_sample=False,
                  ig_every=4, erank_k=16, quantile=0.9, beta=0.99, probe_every=10,
-                 hyper_every=25, hyper_lr=0.1, hyper_max_step=0.5, hyper_damping=1.0, hyper_tol=0.05,
-                 hyper_iters=50, hyper_power_iters=5, hyper_params="fusion_head", val_drop=0.5, val_batches=1):
+                 hyper_every=25, hyper_lr=0.1, hyper_max_step=0.5, hyper_damping=1.0, hyper_rel_damping=0.25,
+                 hyper_tol=0.05, hyper_iters=50, hyper_power_iters=5, hyper_params="fusion_head", val_drop=0.5, val_batches=1):
         self.controller_kind = _option("controller", controller, ESTIMATORS)
         self.collapse_mode = _option("collapse", collapse, COLLAPSES)
         self.mask = _option("mask", mask, MASKS)
@@ -103,9 +103,10 @@ class ModalImmune(Method):
         self.hyper_iters = _positive("hyper_iters", hyper_iters, integer=True)
         self.hyper_power_iters = _positive("hyper_power_iters", hyper_power_iters, integer=True)
         self.val_batches = _positive("val_batches", val_batches, integer=True)
-        self.hyper_lr, self.hyper_max_step, self.hyper_damping, self.hyper_tol = (
+        self.hyper_lr, self.hyper_max_step, self.hyper_damping, self.hyper_rel_damping, self.hyper_tol = (
             _positive(n, v) for n, v in (("hyper_lr", hyper_lr), ("hyper_max_step", hyper_max_step),
-                                         ("hyper_damping", hyper_damping), ("hyper_tol", hyper_tol)))
+                                         ("hyper_damping", hyper_damping), ("hyper_rel_damping", hyper_rel_damping),
+                                         ("hyper_tol", hyper_tol)))
         if isinstance(val_drop, bool) or not isinstance(val_drop, (int, float)) or not 0 <= val_drop < 1:
             raise ValueError(f"method: modalimmune option val_drop must be in [0, 1), got {val_drop!r}")
         self.val_drop = float(val_drop)
@@ -130,7 +131,7 @@ class ModalImmune(Method):
         self.power_init = []  # the last solve's top eigenvector: warm start of the next power iteration
         self.hyper_log = {"hyper/applied": 0.0, "hyper/certified": 0.0, "hyper/iterations": 0.0,
                           "hyper/residual_ratio": 0.0, "hyper/error_bound": 0.0, "hyper/grad_norm": 0.0,
-                          "hyper/solves": 0.0, "hyper/applied_total": 0.0}
+                          "hyper/damping": 0.0, "hyper/solves": 0.0, "hyper/applied_total": 0.0}
 
     def state_dict(self):
         return {**super().state_dict(), "controller": self.controller.state_dict(), "phi": self.phi.detach().clone(),
@@ -304,7 +305,8 @@ class ModalImmune(Method):
         model.eval()  # no dropout noise inside the solve
         try:
             (g,), cert = implicit_hypergradient(inner_loss, outer_loss, self.hyper_targets, [self.phi],
-                                                curvature="ggn", damping=self.hyper_damping, tol=self.hyper_tol,
+                                                curvature="ggn", damping=self.hyper_damping,
+                                                relative_damping=self.hyper_rel_damping, tol=self.hyper_tol,
                                                 max_iter=self.hyper_iters, power_iters=self.hyper_power_iters,
                                                 power_init=self.power_init or None)
         finally:
@@ -323,5 +325,6 @@ class ModalImmune(Method):
         log.update({"hyper/applied": float(applied), "hyper/certified": float(cert.certified),
                     "hyper/iterations": float(cert.iterations), "hyper/residual_ratio": float(cert.residual_ratio),
                     "hyper/error_bound": float(min(cert.error_bound, 1e30)), "hyper/grad_norm": norm,
+                    "hyper/damping": float(cert.damping),
                     "hyper/solves": log["hyper/solves"] + 1, "hyper/applied_total": log["hyper/applied_total"] + applied})
         return g, cert
