@@ -72,8 +72,8 @@ def _add_training_options(parser):
 def _training_config(args):
     return dict(epochs=args.epochs, model=args.model, model_options={"decode": True} if args.decode else {},
                 rec_weight=args.rec_weight, batch_size=args.batch_size, lr=args.lr, grad_accum=args.grad_accum,
-                patience=args.patience, select=args.select, split_seed=args.split_seed, bf16=args.bf16, device=args.device,
-                progress=not args.no_progress)
+                patience=args.patience, select=args.select, split_seed=args.split_seed, bf16=args.bf16,
+                device=args.device, progress=not args.no_progress)
 
 
 def _set_threads(args):

@@ -9,7 +9,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-
 #include "cuda/multi_tensor.cuh"
 #include "curvature_mask.h"
 

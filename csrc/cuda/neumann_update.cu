@@ -10,7 +10,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-
 #include "cuda/multi_tensor.cuh"
 
 namespace modalimmune {

@@ -80,7 +80,8 @@ class ModalImmune(Method):
                  per_sample=False,
                  ig_every=4, erank_k=16, quantile=0.9, beta=0.99, probe_every=10,
                  hyper_every=25, hyper_lr=0.1, hyper_max_step=0.5, hyper_damping=1.0, hyper_rel_damping=0.25,
-                 hyper_tol=0.05, hyper_iters=50, hyper_power_iters=5, hyper_params="fusion_head", val_drop=0.5, val_batches=1):
+                 hyper_tol=0.05, hyper_iters=50, hyper_power_iters=5, hyper_params="fusion_head", val_drop=0.5,
+                 val_batches=1):
         self.controller_kind = _option("controller", controller, ESTIMATORS)
         self.collapse_mode = _option("collapse", collapse, COLLAPSES)
         self.mask = _option("mask", mask, MASKS)
