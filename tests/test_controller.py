@@ -212,3 +212,68 @@ def test_per_sample_draws_follow_pi_and_the_budget():
     counts = (controller.choose_per_sample(20000) > 0).sum(0)
     assert counts.sum() == 20000
     assert scipy.stats.chisquare(counts.numpy(), (controller.probabilities() * 20000).numpy()).pvalue > 1e-6
+
+
+def test_joint_information_gain_of_sets_matches_removing_them_together():
+    dims = {"a": 3, "b": 2, "c": 4}
+    model = ToyModel(dims, used=("a", "b"))
+    z = toy_batch(dims, 16)
+    present = all_present(z, 3)
+    controller = InfoGainController(dims, max_targets=2, joint=True)
+    assert controller.target_sets == [frozenset(s) for s in ({0}, {1}, {2}, {0, 1}, {0, 2}, {1, 2})]
+    gains = controller.measure(model, z, present)
+    torch.testing.assert_close(gains[:3], information_gain(model, z, present))  # the singles come first
+    p = model.head(model.fuse(z, present)).log_softmax(-1)
+    removed = present.clone()
+    removed[:, :2] = False
+    q = model.head(model.fuse(z, removed)).log_softmax(-1)
+    expected = (p.exp() * (p - q)).sum(-1).mean().item()
+    assert gains[3].item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    # c is ignored: removing it with another modality costs what removing that one alone costs
+    torch.testing.assert_close(gains[4], gains[0])
+    torch.testing.assert_close(gains[5], gains[1])
+
+
+@pytest.mark.parametrize("budget", [None, 1.0])
+def test_joint_draws_follow_the_sets_pi(budget):
+    controller = InfoGainController("abcd", max_targets=3, temperature=0.5, epsilon=0.3, budget=budget, s_min=0.2,
+                                    s_max=0.8, joint=True, seed=int(torch.randint(0, 2**31, ())))
+    gains = torch.rand(len(controller.target_sets), dtype=torch.float64)
+    controller.update(gains)
+    sizes = controller.membership.sum(1)
+    cost = controller.membership.double() @ controller.strengths()
+    allowed = torch.ones_like(sizes, dtype=torch.bool) if budget is None else (sizes == 1) | (cost <= budget)
+    assert budget is None or not allowed.all()  # the budget excludes some sets
+    # by hand: the uniform controller's draw is a size in 1..3, then a set of that size
+    uniform = torch.tensor([1 / (3 * math.comb(4, int(k))) for k in sizes], dtype=torch.float64) * allowed
+    softmax = torch.softmax(torch.where(allowed, gains / 0.5, -math.inf), 0)
+    expected = 0.7 * softmax + 0.3 * uniform / uniform.sum()
+    torch.testing.assert_close(controller.set_probabilities(), expected)
+    torch.testing.assert_close(controller.probabilities(), expected @ controller.membership.double())
+    draws = 30000
+    targeted = controller.choose_per_sample(draws) > 0
+    index = {tuple(row): i for i, row in enumerate(controller.membership.tolist())}
+    counts = torch.bincount(torch.tensor([index[tuple(row)] for row in targeted.tolist()]),
+                            minlength=len(index))
+    assert (counts[~allowed] == 0).all()
+    assert scipy.stats.chisquare(counts[allowed].numpy(), (expected[allowed] * draws).numpy()).pvalue > 1e-6
+    assert sorted(m for m, _ in controller.choose()) in [sorted(s) for s in controller.target_sets]
+
+
+def test_joint_state_and_logs():
+    controller = InfoGainController("abc", max_targets=2, joint=True, seed=1)
+    controller.update(torch.arange(6, dtype=torch.float64) / 10)
+    assert [controller.log()[f"ig/{m}"] for m in "abc"] == pytest.approx([0.0, 0.1, 0.2])
+    with pytest.raises(ValueError, match="values"):
+        controller.update(torch.zeros(3))  # one value per set, not per modality
+    with pytest.raises(ValueError, match="estimates"):
+        controller.load_state_dict(InfoGainController("abc", max_targets=2, seed=1).state_dict())
+    # joint needs the IG estimator and several targets a step; otherwise the sets are the modalities
+    assert len(InfoGainController("abc", max_targets=1, joint=True).target_sets) == 3
+    assert len(InfoGainController("abc", estimator="uniform", max_targets=2, joint=True).target_sets) == 3
+
+
+@pytest.mark.parametrize("kwargs, name", [({"joint": 1}, "joint"), ({"max_targets": 9, "joint": True}, "joint")])
+def test_bad_joint_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        InfoGainController([f"m{i}" for i in range(9)], **kwargs)

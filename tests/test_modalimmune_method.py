@@ -161,7 +161,21 @@ def test_controller_estimates_are_logged(data):
     for name in data.modalities:
         assert logs[f"ig/{name}"] >= 0 and 0 <= logs[f"strength/{name}"] <= 1 and f"target/{name}" in logs
     assert 1 <= sum(logs[f"target/{name}"] > 0 for name in data.modalities) < len(data.modalities)
-    assert trainer.method.controller.counts.tolist() == [1] * len(data.modalities)
+    controller = trainer.method.controller  # joint targets: one estimate per set of up to M - 1 modalities
+    assert controller.joint and len(controller.target_sets) == 2 ** len(data.modalities) - 2
+    assert controller.counts.tolist() == [1] * len(controller.target_sets)
+
+
+@pytest.mark.parametrize("samples, rows", [(0, 16), (5, 5), (40, 16)])
+def test_controller_measures_the_first_ig_samples(data, samples, rows):
+    trainer = make(data, f"modalimmune[hypergrad=off,ig_samples={samples}]")
+    controller, seen = trainer.method.controller, []
+    measure = controller.measure
+    controller.measure = lambda model, embeddings, present, masks=None: (
+        seen.append((present.shape[0], {k: z.shape[0] for k, z in embeddings.items()})) or
+        measure(model, embeddings, present, masks))
+    one_step(trainer)
+    assert seen == [(rows, {name: rows for name in data.modalities})]
 
 
 def test_resume_restores_the_whole_method_state(data, tmp_path):
@@ -186,6 +200,7 @@ def test_resume_restores_the_whole_method_state(data, tmp_path):
     ("modalimmune[mask=maybe]", "mask"), ("modalimmune[hypergrad=exact]", "hypergrad"),
     ("modalimmune[lambda_imm=-1]", "lambda_imm"), ("modalimmune[hyper_every=0]", "hyper_every"),
     ("modalimmune[val_drop=1]", "val_drop"), ("modalimmune[hyper_rel_damping=-0.5]", "hyper_rel_damping"),
+    ("modalimmune[ig_samples=-1]", "ig_samples"), ("modalimmune[joint_targets=2]", "joint_targets"),
     ("modalimmune[speed=2]", "speed")])
 def test_bad_options(spec, name):
     with pytest.raises(ValueError, match=name):

@@ -17,6 +17,13 @@ through fusion and head in one stacked pass, in eval mode; no encoder re-run) an
 
 and collapsed at ``s_m = s_min + (s_max - s_min) IG_m / max_j IG_j``;
 ``estimator="uniform"`` (the ablation) draws uniformly at the mid strength.
+
+With ``joint=True`` and several targets a step (``max_targets`` > 1) the IG
+estimator measures every set S of up to ``max_targets`` modalities removed
+together, ``IG_S = E_x KL(p(y|x) || p(y|x without S))``, and draws the set
+itself from ``pi_S = (1 - eps) softmax(IG / T)_S + eps u_S`` (``u``: the
+uniform controller's draw), so the missing patterns the model handles worst
+are trained most (docs/method_training.md, "Joint targets").
 """
 
 import itertools
@@ -29,11 +36,13 @@ from ..train import distributed
 
 ESTIMATORS = ("ig", "shapley", "uniform")
 MAX_SHAPLEY_MODALITIES = 5
+MAX_JOINT_SETS = 256  # the joint estimator's measurement is one pass over this many copies of the batch
 
 
 def _kl(log_p, log_q):
-    """Mean over the batch of KL(p || q) from log-probabilities."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    """Mean over the batch (dimension -2) of KL(p || q) from log-probabilities; ``log_q`` may hold
+    several variants stacked in front."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean(-1)
 
 
 @torch.no_grad()
@@ -42,7 +51,7 @@ def _variant_predictions(model, embeddings, present, masks, variants):
     the others knocked out: removed, ``present = False``, the model's own missing handling, as
     the collapse at strength 1 and the evaluation do): one fusion-and-head pass over the variants
     stacked along the batch, in eval mode (no dropout noise in the comparison).
-    Returns (intact, [per variant])."""
+    Returns (intact (B, C), variants (V, B, C))."""
     names = list(model.modalities)
     batch = present.shape[0]
     variants = [set(range(len(names)))] + [set(v) for v in variants]
@@ -56,16 +65,18 @@ def _variant_predictions(model, embeddings, present, masks, variants):
                                        {k: repeat(m) for k, m in (masks or {}).items()}))
     finally:
         model.train(was_training)
-    log_p = logits.float().log_softmax(-1).split(batch)
+    log_p = logits.float().log_softmax(-1).unflatten(0, (len(variants), batch))
     return log_p[0], log_p[1:]
 
 
-def information_gain(model, embeddings, present, masks=None):
-    """``IG_m`` for every modality of ``model`` on one batch: a float64 tensor (M,)."""
+def information_gain(model, embeddings, present, masks=None, target_sets=None):
+    """``IG_S`` on one batch for every set S of modality indices in ``target_sets`` (default: each
+    modality alone, ``IG_m``), the modalities of S removed together: a float64 tensor."""
     M = len(model.modalities)
+    target_sets = [{m} for m in range(M)] if target_sets is None else target_sets
     full, knocked = _variant_predictions(model, embeddings, present, masks,
-                                         [set(range(M)) - {m} for m in range(M)])
-    return torch.stack([_kl(full, q) for q in knocked]).double().cpu()
+                                         [set(range(M)) - set(s) for s in target_sets])
+    return _kl(full, knocked).double().cpu()
 
 
 def coalition_values(model, embeddings, present, masks=None):
@@ -74,7 +85,7 @@ def coalition_values(model, embeddings, present, masks=None):
     M = len(model.modalities)
     coalitions = [frozenset(c) for size in range(M + 1) for c in itertools.combinations(range(M), size)]
     full, predictions = _variant_predictions(model, embeddings, present, masks, coalitions)
-    values = torch.stack([_kl(full, q) for q in predictions]).double().neg().tolist()
+    values = _kl(full, predictions).double().neg().tolist()
     return dict(zip(coalitions, values))
 
 
@@ -112,11 +123,14 @@ class InfoGainController:
             step draws its count uniformly from 1..max_targets.
         budget: cap on the summed strength of the targets of one step (None: none);
             the first target is always taken.
+        joint: with the ``"ig"`` estimator and ``max_targets`` > 1, estimate and draw the sets of
+            targets themselves (every set of up to ``max_targets`` modalities, singles first)
+            instead of drawing the modalities of a set from the per-modality pi.
         seed: of the controller's own generator (its state is in the checkpoint).
     """
 
     def __init__(self, modalities, *, estimator="ig", temperature=1.0, epsilon=0.1, s_min=0.2, s_max=0.9,
-                 momentum=0.9, max_targets=1, budget=None, seed=0):
+                 momentum=0.9, max_targets=1, budget=None, joint=False, seed=0):
         self.modalities = tuple(modalities)
         if not self.modalities:
             raise ValueError("modalities: expected at least one modality")
@@ -135,28 +149,39 @@ class InfoGainController:
             raise ValueError(f"max_targets: expected an int >= 1, got {max_targets!r}")
         self.max_targets = min(max_targets, max(1, len(self.modalities) - 1))
         self.budget = None if budget is None else _validate.finite_float("budget", budget, 0.0)
+        if not isinstance(joint, bool):
+            raise ValueError(f"joint: expected true or false, got {joint!r}")
+        self.joint = joint and self.estimator == "ig" and self.max_targets > 1
         M = len(self.modalities)
-        self.estimates = torch.zeros(M, dtype=torch.float64)
-        self.counts = torch.zeros(M, dtype=torch.int64)
+        # the sets the estimates are kept for: the single modalities, then (joint) the larger sets
+        self.target_sets = [frozenset(c) for size in range(1, (self.max_targets if self.joint else 1) + 1)
+                            for c in itertools.combinations(range(M), size)]
+        if len(self.target_sets) > MAX_JOINT_SETS:
+            raise ValueError(f"joint: {len(self.target_sets)} sets of up to {self.max_targets} of {M} modalities, "
+                             f"at most {MAX_JOINT_SETS} can be measured; lower max_targets")
+        self.membership = torch.tensor([[m in s for m in range(M)] for s in self.target_sets])
+        self.estimates = torch.zeros(len(self.target_sets), dtype=torch.float64)
+        self.counts = torch.zeros(len(self.target_sets), dtype=torch.int64)
         self.generator = torch.Generator().manual_seed(seed)
 
     # -- estimates ------------------------------------------------------------------------------
     def measure(self, model, embeddings, present, masks=None):
-        """This batch's estimate per modality (float64, (M,)); under data parallelism the
-        whole batch's (the ranks' batch means weighted by their sample counts)."""
+        """This batch's estimate per target set (float64, one per ``target_sets``: per modality
+        unless ``joint``); under data parallelism the whole batch's (the ranks' batch means
+        weighted by their sample counts)."""
         if self.estimator == "shapley":
             values = shapley_values(model, embeddings, present, masks)
         else:
-            values = information_gain(model, embeddings, present, masks)
+            values = information_gain(model, embeddings, present, masks, self.target_sets)
         return distributed.batch_mean(values, present.shape[0], present.device)
 
     def update(self, values, which=None):
-        """Folds ``values`` (M,) into the EMAs of the modalities in ``which`` (default: all)."""
+        """Folds ``values`` (one per target set) into the EMAs of the sets in ``which`` (default: all)."""
         values = torch.as_tensor(values, dtype=torch.float64)
         if values.shape != self.estimates.shape or not torch.isfinite(values).all():
-            raise ValueError(f"values: expected {len(self.modalities)} finite estimates, got {values.tolist()}")
-        chosen = torch.zeros(len(self.modalities), dtype=torch.bool)
-        chosen[list(range(len(self.modalities))) if which is None else list(which)] = True
+            raise ValueError(f"values: expected {len(self.target_sets)} finite estimates, got {values.tolist()}")
+        chosen = torch.zeros(len(self.target_sets), dtype=torch.bool)
+        chosen[list(range(len(self.target_sets))) if which is None else list(which)] = True
         first = chosen & (self.counts == 0)
         blended = self.momentum * self.estimates + (1 - self.momentum) * values
         self.estimates = torch.where(first, values, torch.where(chosen, blended, self.estimates))
@@ -170,19 +195,39 @@ class InfoGainController:
         self.update(values)
         return values
 
+    def modality_estimates(self):
+        """The per-modality estimate (float64, (M,)): IG_m or the Shapley value."""
+        return self.estimates[:len(self.modalities)]
+
     # -- choices --------------------------------------------------------------------------------
     def probabilities(self):
-        """pi (float64, (M,)): (1 - eps) softmax(IG / T) + eps / M; uniform for the ablation."""
+        """pi (float64, (M,)): (1 - eps) softmax(IG / T) + eps / M; uniform for the ablation.
+        For ``joint``, the probability that each modality is among the drawn targets."""
         M = len(self.modalities)
+        if self.joint:
+            return self.set_probabilities() @ self.membership.double()
         if self.estimator == "uniform":
             return torch.full((M,), 1.0 / M, dtype=torch.float64)
         return (1 - self.epsilon) * torch.softmax(self.estimates / self.temperature, 0) + self.epsilon / M
+
+    def set_probabilities(self):
+        """pi over ``target_sets`` (``joint``): (1 - eps) softmax(IG_S / T) + eps u_S, where u_S is
+        the uniform controller's probability of S (a size uniform in 1..max_targets, then a set of
+        that size), both restricted to the sets within ``budget`` (the single modalities always)."""
+        sizes = self.membership.sum(1)
+        uniform = 1.0 / (self.max_targets * torch.tensor([math.comb(len(self.modalities), int(k)) for k in sizes],
+                                                         dtype=torch.float64))
+        allowed = ((sizes == 1) | (self.membership.double() @ self.strengths() <= self.budget)
+                   if self.budget is not None else torch.ones_like(sizes, dtype=torch.bool))
+        gains = torch.where(allowed, self.estimates / self.temperature, -math.inf)
+        uniform = torch.where(allowed, uniform, 0.0)
+        return (1 - self.epsilon) * torch.softmax(gains, 0) + self.epsilon * uniform / uniform.sum()
 
     def strengths(self):
         """s_m = s_min + (s_max - s_min) IG_m / max_j IG_j (negative estimates count as 0);
         the mid strength everywhere for the ablation or before any positive estimate."""
         M = len(self.modalities)
-        gains = self.estimates.clamp_min(0)
+        gains = self.modality_estimates().clamp_min(0)
         top = float(gains.max())
         if self.estimator == "uniform" or top <= 0:
             return torch.full((M,), (self.s_min + self.s_max) / 2, dtype=torch.float64)
@@ -192,8 +237,11 @@ class InfoGainController:
         """n independent draws: ``(order, strengths, taken)``, each (n, M) in draw order: the
         modalities drawn from pi without replacement, their strengths, and which are targets (the
         first always; then up to a count uniform in 1..``max_targets`` while the summed strength
-        stays within ``budget``)."""
+        stays within ``budget``). For ``joint`` one set per draw from the sets' pi, in index order."""
         M = len(self.modalities)
+        if self.joint:
+            chosen = torch.multinomial(self.set_probabilities(), n, replacement=True, generator=self.generator)
+            return torch.arange(M).expand(n, M), self.strengths().expand(n, M), self.membership[chosen]
         order = torch.multinomial(self.probabilities().expand(n, M), M, replacement=False, generator=self.generator)
         counts = (1 + torch.randint(self.max_targets, (n,), generator=self.generator) if self.max_targets > 1
                   else torch.ones(n, dtype=torch.int64))
@@ -219,7 +267,7 @@ class InfoGainController:
     def log(self):
         """Per-modality estimate, strength and probability, for the metrics log."""
         record = {}
-        for name, ig, s, p in zip(self.modalities, self.estimates.tolist(), self.strengths().tolist(),
+        for name, ig, s, p in zip(self.modalities, self.modality_estimates().tolist(), self.strengths().tolist(),
                                   self.probabilities().tolist()):
             record.update({f"ig/{name}": ig, f"strength/{name}": s, f"pi/{name}": p})
         return record
@@ -231,8 +279,8 @@ class InfoGainController:
 
     def load_state_dict(self, state):
         for key in ("estimates", "counts"):
-            if tuple(state[key].shape) != (len(self.modalities),):
-                raise ValueError(f"state['{key}']: expected shape ({len(self.modalities)},), "
+            if tuple(state[key].shape) != tuple(self.estimates.shape):
+                raise ValueError(f"state['{key}']: expected shape {tuple(self.estimates.shape)}, "
                                  f"got {tuple(state[key].shape)}")
         self.estimates = state["estimates"].to(torch.float64).clone()
         self.counts = state["counts"].to(torch.int64).clone()

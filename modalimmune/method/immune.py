@@ -13,7 +13,7 @@ uncertified hypergradient is logged and not applied.
 
 Ablations (options of the method spec, e.g. ``modalimmune[mask=off]``):
 ``controller=ig|shapley|uniform``, ``collapse=spectral|zero|fixed_rank``,
-``mask=hard|soft|off``, ``hypergrad=neumann|off``.
+``mask=hard|soft|off``, ``hypergrad=neumann|off``, ``joint_targets=false`` (targets drawn per modality).
 """
 
 import math
@@ -58,6 +58,12 @@ def _positive(name, value, integer=False):
     return value
 
 
+def _flag(name, value):
+    if not isinstance(value, bool):
+        raise ValueError(f"method: modalimmune option {name} must be true or false, got {value!r}")
+    return value
+
+
 def _option(name, value, options):
     if value not in options:
         raise ValueError(f"method: modalimmune option {name} must be one of {', '.join(options)}, got {value!r}")
@@ -77,8 +83,8 @@ class ModalImmune(Method):
     def __init__(self, controller="ig", collapse="spectral", mask="hard", hypergrad="neumann",
                  intervention="collapse", lambda_imm=3.0, lambda_con=0.1, lambda_rank=0.01,
                  temperature=0.05, epsilon=0.2, s_min=1.0, s_max=1.0, momentum=0.9, max_targets=5, budget=0.0,
-                 per_sample=False,
-                 ig_every=4, erank_k=16, quantile=0.9, beta=0.99, probe_every=10,
+                 joint_targets=True, per_sample=False,
+                 ig_every=4, ig_samples=16, erank_k=16, quantile=0.9, beta=0.99, probe_every=10,
                  hyper_every=25, hyper_lr=0.1, hyper_max_step=0.5, hyper_damping=1.0, hyper_rel_damping=0.25,
                  hyper_tol=0.05, hyper_iters=50, hyper_power_iters=5, hyper_params="fusion_head", val_drop=0.5,
                  val_batches=1):
@@ -93,12 +99,15 @@ class ModalImmune(Method):
         self.initial_phi = [min(max(math.log(max(v, 1e-30)), low), high) for v in lambdas]
         self.controller_options = dict(temperature=temperature, epsilon=epsilon, s_min=s_min, s_max=s_max,
                                        momentum=momentum, max_targets=max_targets,
-                                       budget=budget if budget else None)
+                                       budget=budget if budget else None,
+                                       joint=_flag("joint_targets", joint_targets))
         self.masker_options = dict(quantile=quantile, beta=beta, probe_every=probe_every, mode=mask)
-        if not isinstance(per_sample, bool):
-            raise ValueError(f"method: modalimmune option per_sample must be true or false, got {per_sample!r}")
-        self.per_sample = per_sample
+        self.per_sample = _flag("per_sample", per_sample)
         self.ig_every = _positive("ig_every", ig_every, integer=True)
+        if isinstance(ig_samples, bool) or not isinstance(ig_samples, int) or ig_samples < 0:
+            raise ValueError(f"method: modalimmune option ig_samples must be an int >= 0 (0: the whole batch), "
+                             f"got {ig_samples!r}")
+        self.ig_samples = ig_samples
         self.erank_k = _positive("erank_k", erank_k, integer=True)
         self.hyper_every = _positive("hyper_every", hyper_every, integer=True)
         self.hyper_iters = _positive("hyper_iters", hyper_iters, integer=True)
@@ -198,6 +207,14 @@ class ModalImmune(Method):
             embeddings[name] = damaged[ours]
         return embeddings, present, masks
 
+    def observe(self, model, embeddings, present, masks):
+        """The controller's measurement on the first ``ig_samples`` samples of the micro-batch (all
+        for 0; the batches are drawn in random order, so these are a random subset): its stacked
+        pass has (number of target sets + 1) copies of them."""
+        rows = slice(self.ig_samples or None)
+        self.controller.observe(model, {k: z[rows] for k, z in embeddings.items()}, present[rows],
+                                {k: m[rows] for k, m in (masks or {}).items()})
+
     def draw_targets(self, batch_size):
         """(B, M) strengths: one set of targets per sample (``per_sample``) or one for the batch."""
         if self.per_sample:
@@ -212,7 +229,7 @@ class ModalImmune(Method):
         embeddings = model.encode(batch)
         present = model.all_present(batch)
         if ctx.step % self.ig_every == 0:
-            self.controller.observe(model, embeddings, present, batch.masks)
+            self.observe(model, embeddings, present, batch.masks)
         strengths = self.draw_targets(ctx.batch_rows(len(batch))[0])
         perturbed, perturbed_present, perturbed_masks = self.intervene(embeddings, present, batch.masks, strengths,
                                                                        ctx)
