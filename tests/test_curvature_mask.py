@@ -44,7 +44,15 @@ def assert_matches(gc, d, stats, gc64, d64, d_scale, ref_stats, ref_hist, dtype)
     assert stats.masked_fraction.item() * numel == pytest.approx(ref_stats[0].item(), abs=1e-6)
     assert stats.destr_norm.item() == pytest.approx(math.sqrt(ref_stats[1]), rel=1e-5)
     assert stats.kept_norm.item() == pytest.approx(math.sqrt(ref_stats[2]), rel=1e-5)
-    assert torch.equal(stats.log_abs_hist.cpu(), ref_hist)
+    # the histogram is of the D the op wrote (checked against the reference above): bin for bin
+    # from those values; against the float64 D only up to the values that rounding moved across a
+    # bin edge (each moves one count between two bins)
+    own_hist = torch.zeros_like(ref_hist)
+    for out in d:
+        own_hist.index_add_(0, cm.hist_bins(out.cpu()).flatten().long(), torch.ones(out.numel(), dtype=torch.int64))
+    assert torch.equal(stats.log_abs_hist.cpu(), own_hist)
+    moved = sum(int((cm.hist_bins(out.cpu()) != cm.hist_bins(ref)).sum()) for out, ref in zip(d, d64))
+    assert moved <= 2 and int((own_hist - ref_hist).abs().sum()) <= 2 * moved
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
