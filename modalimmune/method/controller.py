@@ -160,6 +160,9 @@ class InfoGainController:
             raise ValueError(f"joint: {len(self.target_sets)} sets of up to {self.max_targets} of {M} modalities, "
                              f"at most {MAX_JOINT_SETS} can be measured; lower max_targets")
         self.membership = torch.tensor([[m in s for m in range(M)] for s in self.target_sets])
+        # the uniform controller's probability of each set: a size uniform in 1..max_targets, then a set of that size
+        self.uniform_draw = torch.tensor([1 / (self.max_targets * math.comb(M, len(s))) for s in self.target_sets],
+                                         dtype=torch.float64)
         self.estimates = torch.zeros(len(self.target_sets), dtype=torch.float64)
         self.counts = torch.zeros(len(self.target_sets), dtype=torch.int64)
         self.generator = torch.Generator().manual_seed(seed)
@@ -214,13 +217,11 @@ class InfoGainController:
         """pi over ``target_sets`` (``joint``): (1 - eps) softmax(IG_S / T) + eps u_S, where u_S is
         the uniform controller's probability of S (a size uniform in 1..max_targets, then a set of
         that size), both restricted to the sets within ``budget`` (the single modalities always)."""
-        sizes = self.membership.sum(1)
-        uniform = 1.0 / (self.max_targets * torch.tensor([math.comb(len(self.modalities), int(k)) for k in sizes],
-                                                         dtype=torch.float64))
-        allowed = ((sizes == 1) | (self.membership.double() @ self.strengths() <= self.budget)
-                   if self.budget is not None else torch.ones_like(sizes, dtype=torch.bool))
+        single = self.membership.sum(1) == 1
+        allowed = (single | (self.membership.double() @ self.strengths() <= self.budget)
+                   if self.budget is not None else torch.ones_like(single))
         gains = torch.where(allowed, self.estimates / self.temperature, -math.inf)
-        uniform = torch.where(allowed, uniform, 0.0)
+        uniform = torch.where(allowed, self.uniform_draw, 0.0)
         return (1 - self.epsilon) * torch.softmax(gains, 0) + self.epsilon * uniform / uniform.sum()
 
     def strengths(self):
