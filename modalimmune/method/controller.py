@@ -156,7 +156,7 @@ class InfoGainController:
         # the sets the estimates are kept for: the single modalities, then (joint) the larger sets
         self.target_sets = [frozenset(c) for size in range(1, (self.max_targets if self.joint else 1) + 1)
                             for c in itertools.combinations(range(M), size)]
-        if len(self.target_sets) > MAX_JOINT_SETS:
+        if self.joint and len(self.target_sets) > MAX_JOINT_SETS:
             raise ValueError(f"joint: {len(self.target_sets)} sets of up to {self.max_targets} of {M} modalities, "
                              f"at most {MAX_JOINT_SETS} can be measured; lower max_targets")
         self.membership = torch.tensor([[m in s for m in range(M)] for s in self.target_sets])

@@ -47,9 +47,10 @@ def fusion_head_parameters(model, params):
     return [p for p in params if id(p) not in encoder]
 
 
-def _positive(name, value, integer=False):
-    if integer and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"method: modalimmune option {name} must be an int >= 1, got {value!r}")
+def _positive(name, value, integer=False, minimum=1):
+    """``value`` checked: an int >= ``minimum`` (``integer``) or a finite number >= 0."""
+    if integer and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise ValueError(f"method: modalimmune option {name} must be an int >= {minimum}, got {value!r}")
     if not integer:
         try:
             value = _validate.finite_float(name, value, 0.0)
@@ -104,10 +105,7 @@ class ModalImmune(Method):
         self.masker_options = dict(quantile=quantile, beta=beta, probe_every=probe_every, mode=mask)
         self.per_sample = _flag("per_sample", per_sample)
         self.ig_every = _positive("ig_every", ig_every, integer=True)
-        if isinstance(ig_samples, bool) or not isinstance(ig_samples, int) or ig_samples < 0:
-            raise ValueError(f"method: modalimmune option ig_samples must be an int >= 0 (0: the whole batch), "
-                             f"got {ig_samples!r}")
-        self.ig_samples = ig_samples
+        self.ig_samples = _positive("ig_samples", ig_samples, integer=True, minimum=0)  # 0: the whole batch
         self.erank_k = _positive("erank_k", erank_k, integer=True)
         self.hyper_every = _positive("hyper_every", hyper_every, integer=True)
         self.hyper_iters = _positive("hyper_iters", hyper_iters, integer=True)
