@@ -178,12 +178,12 @@ class ModalImmune(Method):
         embeddings, present, masks = dict(embeddings), present.clone(), dict(masks)
         strengths = torch.as_tensor(strengths, dtype=torch.float64).cpu()
         gather, ours = (ctx.gather_rows, ctx.batch_rows(present.shape[0])[1]) if ctx else (lambda x: x, slice(None))
-        for m, name in enumerate(names):
-            targeted = strengths[:, m] > 0
-            if not targeted.any():
-                continue
-            strength = float(strengths[targeted, m].max())
-            rows = targeted.to(present.device)
+        targeted_rows = strengths > 0
+        # strengths are >= 0: a modality's largest is its targets' strength
+        hit, everywhere, top = targeted_rows.any(0).tolist(), targeted_rows.all(0).tolist(), strengths.amax(0).tolist()
+        for m in (m for m in range(len(names)) if hit[m]):
+            name, strength = names[m], top[m]
+            rows = targeted_rows[:, m].to(present.device)
             if self.intervention == "remove" or (self.intervention == "collapse" and strength >= 1):
                 present[:, m] &= ~rows[ours]  # s = 1: the modality is gone; the model's own missing handling
                 continue
@@ -200,7 +200,7 @@ class ModalImmune(Method):
                 masks[name] = torch.where(rows[:, None], dropped, real)[ours]
             else:
                 continue
-            damaged = damaged if bool(targeted.all()) else torch.where(
+            damaged = damaged if everywhere[m] else torch.where(
                 rows.view(-1, *([1] * (z.dim() - 1))), damaged, z)
             embeddings[name] = damaged[ours]
         return embeddings, present, masks
@@ -217,10 +217,7 @@ class ModalImmune(Method):
         """(B, M) strengths: one set of targets per sample (``per_sample``) or one for the batch."""
         if self.per_sample:
             return self.controller.choose_per_sample(batch_size)
-        strengths = torch.zeros(len(self.controller.modalities), dtype=torch.float64)
-        for m, strength in self.controller.choose():
-            strengths[m] = strength
-        return strengths.expand(batch_size, -1)
+        return self.controller.choose_per_sample(1).expand(batch_size, -1)
 
     # -- one step -----------------------------------------------------------------------------------------
     def training_step(self, model, batch, ctx):
