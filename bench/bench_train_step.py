@@ -31,7 +31,8 @@ VARIANTS = [("erm", "erm"), ("modalimmune (no hypergradient)", "modalimmune[hype
             ("  joint_targets=false", "modalimmune[hypergrad=off,joint_targets=false]"),
             ("  mask=off", "modalimmune[hypergrad=off,mask=off]"),
             ("  controller=uniform, mask=off", "modalimmune[hypergrad=off,mask=off,controller=uniform]"),
-            ("  design floor: controller=uniform, probe_every=0", "modalimmune[hypergrad=off,controller=uniform,probe_every=0]")]
+            ("  design floor: controller=uniform, probe_every=0",
+             "modalimmune[hypergrad=off,controller=uniform,probe_every=0]")]
 
 
 def make_trainer(data, spec, args):
@@ -113,9 +114,10 @@ def main():
              "separately) where ERM has one; the controller's stacked fusion pass and the two small SVD-based ops "
              "(spectral collapse, effective rank over 16 values) are a fixed cost that a model this small "
              "(an ERM step of a few ms) cannot hide; the hypergradient costs a fixed number of Gauss-Newton "
-             "products, amortised over T_h. The design floor row is what a step costs with only the parts every "
-             "step of the design requires, whatever the periodic parts' schedule. On this CPU the machine's load changes from minute to minute: the "
-             "variants are timed in interleaved rounds so that the ratios stay comparable.")
+             "products, amortised over T_h. The design floor row is what a step costs with only the parts "
+             "every step of the design requires, whatever the periodic parts' schedule. On this CPU the "
+             "machine's load changes from minute to minute: the variants are timed in interleaved rounds so "
+             "that the ratios stay comparable.")
     out = args.out or _common.RESULTS / f"train_step_{args.device}{'_quick' if args.quick else ''}.md"
     _common.write_report(out, "ModalImmune training step over ERM", args.device, table, notes)
 
