@@ -179,9 +179,9 @@ class ModalImmune(Method):
         strengths = torch.as_tensor(strengths, dtype=torch.float64).cpu()
         gather, ours = (ctx.gather_rows, ctx.batch_rows(present.shape[0])[1]) if ctx else (lambda x: x, slice(None))
         targeted_rows = strengths > 0
-        # strengths are >= 0: a modality's largest is its targets' strength
-        hit, everywhere, top = targeted_rows.any(0).tolist(), targeted_rows.all(0).tolist(), strengths.amax(0).tolist()
-        for m in (m for m in range(len(names)) if hit[m]):
+        everywhere = targeted_rows.all(0).tolist()
+        top = strengths.amax(0).tolist()  # of a targeted modality: its targets' strength (the others are <= 0)
+        for m in [m for m, hit in enumerate(targeted_rows.any(0).tolist()) if hit]:
             name, strength = names[m], top[m]
             rows = targeted_rows[:, m].to(present.device)
             if self.intervention == "remove" or (self.intervention == "collapse" and strength >= 1):
