@@ -58,7 +58,7 @@ def machine(device):
     if torch.device(device).type == "cuda":
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
     try:
-        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        model = next(row.split(":", 1)[1].strip() for row in open("/proc/cpuinfo") if row.startswith("model name"))
     except (OSError, StopIteration):
         model = platform.processor() or "unknown CPU"
     return f"{model}, {torch.get_num_threads()} threads (torch {torch.__version__})"

@@ -37,6 +37,32 @@ def make_lists(shapes, dtype, device):
     return gc, gd, d, probe
 
 
+def measure(shapes, dtype, device, backends, reference, repeats):
+    """The table rows of one parameter list and gradient dtype (its tensors are freed on return)."""
+    numel = sum(torch.Size(s).numel() for s in shapes)
+    gc, gd, d, probe = make_lists(shapes, dtype, device)
+    g_bytes = torch.empty((), dtype=dtype).element_size()
+    moved = numel * (3 * g_bytes + 4 + 8)  # probed pass: D written, probe read
+    copy_t = copy_time(moved, device, repeats)
+    copy_bw = moved / copy_t
+    candidates = {f"op ({b})": (lambda b=b: cm.curvature_mask_(gc, gd, d, probe, beta=0.9, tau=0.5, backend=b))
+                  for b in backends}
+    candidates["eager reference"] = lambda: cm.curvature_mask_reference(gc, gd, d, probe, 0.9, 0.5, False)
+    candidates["torch.compile(reference)"] = lambda: reference(gc, gd, d, probe, 0.9, 0.5, False)
+    times = {name: _common.median_time(fn, device, repeats) for name, fn in candidates.items()}
+    eager, compiled = times["eager reference"], times["torch.compile(reference)"]
+    return [[f"{numel / 1e6:.1f}M", str(dtype).removeprefix("torch."), name, f"{t * 1e3:.2f}",
+             f"{moved / t / 1e9:.1f}", f"{moved / t / copy_bw:.2f}", f"{eager / t:.1f}x", f"{compiled / t:.2f}x"]
+            for name, t in [("copy of the same bytes", copy_t)] + list(times.items())]
+
+
+def copy_time(moved, device, repeats):
+    """Time of a plain copy that moves ``moved`` bytes (read and written: half each way)."""
+    src = torch.empty(moved // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return _common.median_time(lambda: dst.copy_(src), device, repeats)
+
+
 def main():
     args = _common.parser(__doc__).parse_args()
     device = args.device
@@ -53,34 +79,14 @@ def main():
     rows = []
     for size in sizes:
         shapes = transformer_shapes(size)
-        numel = sum(torch.Size(s).numel() for s in shapes)
         for dtype in dtypes:
-            gc, gd, d, probe = make_lists(shapes, dtype, device)
-            g_bytes = torch.empty((), dtype=dtype).element_size()
-            moved = numel * (3 * g_bytes + 4 + 8)  # probed pass: D written, probe read
-            src = torch.empty(moved // 2, dtype=torch.uint8, device=device)
-            dst = torch.empty_like(src)
-            copy_t = _common.median_time(lambda: dst.copy_(src), device, repeats)
-            copy_bw = moved / copy_t
-            del src, dst
-            candidates = {f"op ({b})": (lambda b=b: cm.curvature_mask_(gc, gd, d, probe, beta=0.9, tau=0.5, backend=b))
-                          for b in backends}
-            candidates["eager reference"] = lambda: cm.curvature_mask_reference(gc, gd, d, probe, 0.9, 0.5, False)
-            candidates["torch.compile(reference)"] = lambda: reference(gc, gd, d, probe, 0.9, 0.5, False)
-            times = {name: _common.median_time(fn, device, repeats) for name, fn in candidates.items()}
-            eager = times["eager reference"]
-            compiled = times["torch.compile(reference)"]
-            for name, t in [("copy of the same bytes", copy_t)] + list(times.items()):
-                rows.append([f"{numel / 1e6:.1f}M", str(dtype).removeprefix("torch."), name, f"{t * 1e3:.2f}",
-                             f"{moved / t / 1e9:.1f}", f"{moved / t / copy_bw:.2f}", f"{eager / t:.1f}x",
-                             f"{compiled / t:.2f}x"])
-            del gc, gd, d, probe
+            rows += measure(shapes, dtype, device, backends, reference, repeats)
     header = ["params", "grad dtype", "implementation", "ms", "GB/s", "of copy BW", "vs eager", "vs compile"]
     table = _common.markdown_table(header, rows)
     print(table)
     goal = ("Goals: CPU >= 60% of copy bandwidth and >= 10x the eager reference at 16M+; "
             "GPU >= 85% of copy bandwidth at >= 100M parameters and >= 1.3x torch.compile of the reference.")
-    out = args.out or _common.RESULTS / f"curvature_mask_{device}{'_quick' if args.quick else ''}.md"
+    out = args.out or _common.RESULTS / "kernels" / f"curvature_mask_{device}{'_quick' if args.quick else ''}.md"
     _common.write_report(out, f"curvature_mask_ benchmark ({device})", device, table,
                          "Bytes moved per element: 3 x grad bytes + 12 (probed pass). " + goal)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared check for an H100/H200 machine with torch, Triton, nvcc and ninja
-# (no network): builds the extension in place, runs the CUDA and Triton tests,
-# the CUDA tests once more under compute-sanitizer memcheck, and every
+# (no network): builds the extension in place, runs the CUDA and Triton tests
+# (torch.compile's separately), the CUDA tests once more under compute-sanitizer memcheck, and every
 # benchmark on the GPU; prints a short table last. Full logs and the result
 # tables go to $OUT (when set) as gpu_check.tar.gz. Budget: well under 8 minutes.
 set -u
@@ -34,11 +34,13 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >"$LOGS/nvid
 step build 180 $PY -m pip install --no-build-isolation --no-deps -e . || { printf '%s\n' "${SUMMARY[@]}"; exit 1; }
 step info 60 $PY -m modalimmune info
 cat "$LOGS/info.log"
-step tests-cuda-triton 120 $PY -m pytest -q -m "cuda or triton" tests -p no:cacheprovider
+step tests-cuda-triton 120 $PY -m pytest -q -m "cuda or triton" tests --ignore=tests/test_compile.py -p no:cacheprovider
+# torch.compile of the cuda and triton backends on CUDA tensors (the torch backend traces slowest; the CPU run has it)
+step compile-cuda 60 $PY -m pytest -q -x -m cuda tests/test_compile.py -k "cuda-cuda or triton-cuda" -p no:cacheprovider
 SANITIZER=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer 2>/dev/null)
 if [ -n "$SANITIZER" ]; then
   step memcheck 90 "$SANITIZER" --tool memcheck --error-exitcode 3 --target-processes all \
-    $PY -m pytest -q -x -m cuda tests -k "not slow" -p no:cacheprovider
+    $PY -m pytest -q -x -m cuda tests -k "not slow" --ignore=tests/test_compile.py -p no:cacheprovider
 else
   SUMMARY+=("memcheck                     SKIPPED (no compute-sanitizer)")
 fi
@@ -48,7 +50,7 @@ for bench in bench/bench_*.py; do
 done
 
 mkdir -p "$OUT"
-cp bench/results/*_cuda*.md "$LOGS"/ 2>/dev/null
+cp bench/results/kernels/*_cuda*.md "$LOGS"/ 2>/dev/null
 tar -czf "$OUT/gpu_check.tar.gz" -C "$LOGS" .
 echo
 echo "== benchmark tables (full logs in gpu_check.tar.gz) =="

@@ -1,7 +1,13 @@
-// Shared definitions of the fused curvature-mask op (docs/ops/curvature_mask.md).
+// Shared by the CPU and CUDA kernels of the fused curvature-mask op (docs/ops/curvature_mask.md).
 #pragma once
+#include <ATen/ATen.h>
+
 #include <cstdint>
-#include <cstring>
+#include <optional>
+#include <vector>
+
+#include "modalimmune_constants.h"
+#include "multi_tensor.h"
 
 #ifdef __CUDACC__
 #define MI_HOST_DEVICE __host__ __device__ __forceinline__
@@ -11,15 +17,21 @@
 
 namespace modalimmune {
 
-// Histogram of |D| on a log-linear grid: four bins per octave from 2^kHistMinExp.
-// The bin is read straight off the float's bits (exponent and two top mantissa
-// bits), so every backend puts a value in exactly the same bin.
-constexpr int kHistBins = 256;
-constexpr int kHistMinExp = -40;
-constexpr int kHistOffset = (127 + kHistMinExp) << 2;
+// The op's tensor lists (schema in modalimmune/ops/curvature_mask.py): g_c float32, bfloat16 or
+// float16, g_d of g_c's dtype, D and the probe float32, all on `device`.
+inline void check_curvature_mask_args(at::TensorList grads_clean, at::TensorList grads_destr, at::TensorList curvature,
+                                      const std::optional<at::TensorList>& probe, const at::Device& device) {
+  std::vector<TensorListArg> lists = {
+      {"grads_clean", grads_clean}, {"grads_destr", grads_destr}, {"curvature", curvature, at::kFloat}};
+  if (probe.has_value()) lists.push_back({"probe", *probe, at::kFloat});
+  check_tensor_lists("curvature_mask", lists, {at::kFloat, at::kBFloat16, at::kHalf}, device);
+}
 
+// Histogram of |D| on a log-linear grid (constants in modalimmune/ops/constants.py). The bin is
+// read straight off the float's bits (exponent and top mantissa bits), so every backend puts a
+// value in exactly the same bin.
 MI_HOST_DEVICE int hist_bin_from_bits(uint32_t bits) {
-  int bin = static_cast<int>((bits & 0x7fffffffu) >> 21) - kHistOffset;
+  const int bin = static_cast<int>((bits & 0x7fffffffu) >> kHistShift) - kHistOffset;
   return bin < 0 ? 0 : (bin >= kHistBins ? kHistBins - 1 : bin);
 }
 

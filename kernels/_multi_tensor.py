@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-CHUNK = 1 << 16
+from ..ops.constants import CHUNK
+
 _CACHE_SIZE = 16
 _cache = {}
 

@@ -8,11 +8,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import CHUNK, address, chunk_bounds, groups_by_dtype, pointer_table
+from ..ops.constants import CHUNK, HIST_BINS, HIST_OFFSET, HIST_SHIFT
+from ._multi_tensor import address, chunk_bounds, groups_by_dtype, pointer_table
 
-HIST_BINS = 256
-HIST_MIN_EXP = -40
-HIST_OFFSET = (127 + HIST_MIN_EXP) << 2
 BLOCK = 4096
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -22,7 +20,8 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 def _curvature_mask_kernel(
     table_ptr, num_tensors, partial_ptr, hist_ptr, beta, one_minus_beta, tau,
     GRAD_DTYPE: tl.constexpr, HAS_PROBE: tl.constexpr, SOFT: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr, HIST_BINS: tl.constexpr, HIST_OFFSET: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, HIST_BINS: tl.constexpr, HIST_SHIFT: tl.constexpr,
+    HIST_OFFSET: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t, start, length = chunk_bounds(table_ptr, num_tensors, 4, CHUNK)
@@ -58,7 +57,7 @@ def _curvature_mask_kernel(
         masked += tl.where(valid & (m < 1.0), 1.0, 0.0)
         destr_sq += gd * gd
         kept_sq += kept * kept
-        bins = (abs_d.to(tl.int32, bitcast=True) >> 21) - HIST_OFFSET
+        bins = (abs_d.to(tl.int32, bitcast=True) >> HIST_SHIFT) - HIST_OFFSET
         bins = tl.minimum(tl.maximum(bins, 0), HIST_BINS - 1)
         hist += tl.histogram(tl.where(valid, bins, 0), HIST_BINS)
     # the padding lanes of the last block were binned to 0: take them back out
@@ -84,7 +83,7 @@ def curvature_mask(grads_clean, grads_destr, curvature, probe, beta, tau, soft):
         _curvature_mask_kernel[(programs,)](
             table, len(members), partial, hist, beta, 1.0 - beta, tau,
             GRAD_DTYPE=_TL_DTYPES[dtype], HAS_PROBE=probe is not None, SOFT=soft,
-            CHUNK=CHUNK, BLOCK=BLOCK, HIST_BINS=HIST_BINS, HIST_OFFSET=HIST_OFFSET,
+            CHUNK=CHUNK, BLOCK=BLOCK, HIST_BINS=HIST_BINS, HIST_SHIFT=HIST_SHIFT, HIST_OFFSET=HIST_OFFSET,
             num_warps=8,
         )
         stats += partial.sum(0, dtype=torch.float64)
@@ -96,7 +95,8 @@ def aot_specs():
     for GPU targets without a GPU (tests/test_triton_aot.py)."""
     signature = {"table_ptr": "*i64", "num_tensors": "i32", "partial_ptr": "*fp32", "hist_ptr": "*i64",
                  "beta": "fp32", "one_minus_beta": "fp32", "tau": "fp32"}
-    fixed = {"CHUNK": CHUNK, "BLOCK": BLOCK, "HIST_BINS": HIST_BINS, "HIST_OFFSET": HIST_OFFSET}
+    fixed = {"CHUNK": CHUNK, "BLOCK": BLOCK, "HIST_BINS": HIST_BINS, "HIST_SHIFT": HIST_SHIFT,
+             "HIST_OFFSET": HIST_OFFSET}
     return [
         (_curvature_mask_kernel, signature,
          {"GRAD_DTYPE": dtype, "HAS_PROBE": probe, "SOFT": soft, **fixed}, {"num_warps": 8})

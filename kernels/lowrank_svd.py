@@ -38,7 +38,8 @@ def _product_gram_kernel(m_ptr, x_ptr, y_ptr, g_ptr, rows, inner, q, stride_row,
         kk = k0 + tl.arange(0, BLOCK_K)
         m = tl.load(m_base + r[:, None] * stride_row + kk[None, :] * stride_inner,
                     mask=(r[:, None] < rows) & (kk[None, :] < inner), other=0.0)
-        x = tl.load(x_base + kk[:, None] * q + cols[None, :], mask=(kk[:, None] < inner) & (cols[None, :] < q), other=0.0)
+        x = tl.load(x_base + kk[:, None] * q + cols[None, :], mask=(kk[:, None] < inner) & (cols[None, :] < q),
+                    other=0.0)
         acc += tl.dot(m, x, input_precision="ieee")
     tl.store(y_ptr + b.to(tl.int64) * rows * q + r[:, None] * q + cols[None, :], acc,
              mask=(r[:, None] < rows) & (cols[None, :] < q))

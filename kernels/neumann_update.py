@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import CHUNK, address, cached, chunk_bounds, groups_by_dtype, pointer_table
+from ..ops.constants import CHUNK
+from ._multi_tensor import address, cached, chunk_bounds, groups_by_dtype, pointer_table
 
 BLOCK = 4096
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}

@@ -1,8 +1,11 @@
 """Guarded loading of the compiled extension ``modalimmune._C``.
 
-A missing extension, or one built against another torch, never breaks
-``import modalimmune``: it is reported once as a warning, and the ops fall back
-to the backends that remain (the pure-PyTorch one always does).
+A missing extension, one built against another torch, or one built from older
+sources never breaks ``import modalimmune``: it is reported once as a warning,
+and the ops fall back to the backends that remain (the pure-PyTorch one always
+does). The extension only implements ops (their CPU and CUDA kernels); the ops
+themselves are defined in Python, by modalimmune/ops/_library.py, which loads
+the extension first (docs/backends.md, "Ops and torch.library").
 """
 
 import importlib
@@ -11,6 +14,11 @@ import warnings
 import torch
 
 _state = {"module": None, "reason": None, "loaded": False}
+_kernels = {}  # (op, dispatch key) -> bool: the extension registers all its kernels when it loads
+
+
+def _warn(reason):
+    warnings.warn(reason + "; the pure-PyTorch backend serves instead", stacklevel=3)
 
 
 def load():
@@ -31,8 +39,15 @@ def load():
         else:
             _state["module"] = module
     if _state["reason"] is not None:
-        warnings.warn(_state["reason"] + "; the pure-PyTorch backend serves instead", stacklevel=2)
+        _warn(_state["reason"])
     return _state["module"]
+
+
+def refuse(reason):
+    """Marks the loaded extension unusable for ``reason`` (warned once)."""
+    if _state["module"] is not None:
+        _state["module"], _state["reason"] = None, reason
+        _warn(reason)
 
 
 def reason():
@@ -41,12 +56,16 @@ def reason():
     return _state["reason"]
 
 
-def has_op(name):
-    """Whether the loaded extension registers ``modalimmune::<name>`` (a stale build may not)."""
-    return load() is not None and hasattr(torch.ops.modalimmune, name)
-
-
-def register_fake(name, fake):
-    """Registers the fake kernel of the compiled op ``name`` when the loaded extension has it."""
-    if has_op(name):
-        torch.library.register_fake(f"modalimmune::{name}")(fake)
+@torch.compiler.assume_constant_result  # torch.compile reads it while tracing
+def has_kernel(op, dispatch_key):
+    """Whether the loaded extension implements ``modalimmune::<op>`` for ``dispatch_key``
+    ("CPU" or "CUDA"; a build from older sources may lack a newer op)."""
+    if load() is None:
+        return False
+    if (op, dispatch_key) not in _kernels:
+        try:
+            found = torch._C._dispatch_has_kernel_for_dispatch_key(f"modalimmune::{op}", dispatch_key)
+        except RuntimeError:  # no such op
+            found = False
+        _kernels[op, dispatch_key] = found
+    return _kernels[op, dispatch_key]

@@ -28,7 +28,7 @@ def unavailable_reason(backend, device=None, op=None):
 
     With ``device=None`` the question is whether the backend is usable at all
     on this machine; with ``op`` (a compiled op's name) also whether the loaded
-    extension has that op.
+    extension implements that op for the backend's device.
     """
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; expected 'auto' or one of {', '.join(BACKENDS)}"
@@ -49,19 +49,17 @@ def unavailable_reason(backend, device=None, op=None):
     module = _extension.load()
     if module is None:
         return _extension.reason()
-    if op is not None and not _extension.has_op(op):
-        return f"modalimmune._C has no op {op!r}: it was built from older sources; rebuild it with `make install`"
-    if backend == "cpp":
-        if device is not None and device.type != "cpu":
-            return f"the cpp backend runs on CPU tensors, got {device.type} tensors"
-        return None
-    # cuda
-    if not module.cuda_built:
-        return "modalimmune._C was built without CUDA (no CUDA torch or no nvcc at build time)"
-    if not torch.cuda.is_available():
-        return "no GPU visible"
-    if device is not None and device.type != "cuda":
-        return f"the cuda backend runs on CUDA tensors, got {device.type} tensors"
+    if backend == "cuda":
+        if not module.cuda_built:
+            return "modalimmune._C was built without CUDA (no CUDA torch or no nvcc at build time)"
+        if not torch.cuda.is_available():
+            return "no GPU visible"
+    key = "CPU" if backend == "cpp" else "CUDA"
+    if op is not None and not _extension.has_kernel(op, key):
+        return (f"modalimmune._C has no {key} kernel of op {op!r}: it was built from older sources; "
+                "rebuild it with `make install`")
+    if device is not None and device.type != key.lower():
+        return f"the {backend} backend runs on {key} tensors, got {device.type} tensors"
     return None
 
 

@@ -1,6 +1,7 @@
 """Backend availability, selection, the guarded extension load and `modalimmune info`."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 import modalimmune
-from modalimmune import backend, ops
+from modalimmune import backend
 
 
 def run_python(code, env=None):
@@ -98,14 +99,62 @@ def test_info_command_lists_versions_and_backends():
     for word in ("torch", "triton", "extension", "cpp", "cuda", "GPU"):
         assert word in result.stdout
     for name, usable in modalimmune.backends().items():
-        line = next(l for l in result.stdout.splitlines() if l.strip().startswith(name + " "))
+        line = next(row for row in result.stdout.splitlines() if row.strip().startswith(name + " "))
         assert ("unusable:" not in line) == usable
 
 
 @pytest.mark.skipif(not modalimmune.backends()["cpp"], reason="needs the compiled extension")
 def test_stale_extension_without_an_op_is_not_used():
     """An extension built from older sources lacks newer ops: cpp is refused for them, auto falls back."""
-    assert backend.unavailable_reason("cpp", "cpu", op="no_such_op").startswith("modalimmune._C has no op")
+    assert backend.unavailable_reason("cpp", "cpu", op="no_such_op").startswith("modalimmune._C has no CPU kernel")
     assert backend.resolve("auto", "cpu", op="no_such_op") == "torch"
     with pytest.raises(RuntimeError, match="older sources"):
         backend.resolve("cpp", "cpu", op="no_such_op")
+
+
+def test_extension_that_defines_the_schemas_is_refused_with_a_message():
+    """A build from before the schemas moved to Python still has TORCH_LIBRARY(modalimmune, m).
+    Loaded after the Python definitions it would abort the process (a duplicate schema), so the
+    package loads it first; this stands in for it with a module whose import defines a schema the
+    same way, and checks the one warning, the refusal and that the other backends still serve."""
+    code = """
+import importlib.abc, importlib.machinery, sys, types, warnings, torch
+class StaleBuild(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path, target=None):
+        return importlib.machinery.ModuleSpec(name, self) if name == "modalimmune._C" else None
+    def create_module(self, spec):
+        return None
+    def exec_module(self, module):
+        module.library = torch.library.Library("modalimmune", "DEF")  # what TORCH_LIBRARY does
+        module.library.define("neumann_update(Tensor(a!)[] v, Tensor(b!)[] p, Tensor[] w, Tensor alpha, "
+                              "float damping) -> Tensor")
+        module.torch_version, module.cuda_built = torch.__version__, False
+sys.meta_path.insert(0, StaleBuild())
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import modalimmune
+    from modalimmune import ops
+print(sum("TORCH_LIBRARY" in str(w.message) for w in caught), modalimmune.backends()["cpp"])
+v = [torch.ones(3)]
+print(ops.neumann_update_(v, [torch.zeros(3)], [torch.ones(3)], 0.5).tolist())
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "1 False"
+    assert lines[1] == "[0.75, 3.0]"
+
+
+def test_generated_constants_header_matches_python():
+    """The C++/CUDA kernels read the constants of modalimmune/ops/constants.py from the header the
+    build generates (setup.py): every constant, with its value."""
+    from modalimmune.ops import constants
+
+    header = os.path.join(os.path.dirname(__file__), "..", "build", "generated", "modalimmune_constants.h")
+    if not os.path.exists(header):
+        pytest.skip("the extension was not built in this checkout")
+    with open(header) as f:
+        found = dict(re.findall(r"constexpr \w+ (k\w+) = (-?\d+);", f.read()))
+    expected = {"k" + "".join(w.capitalize() for w in name.split("_")): str(value)
+                for name, value in vars(constants).items() if name.isupper()}
+    assert found == expected

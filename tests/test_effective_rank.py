@@ -22,7 +22,8 @@ def test_matches_formula(backend_device):
 
 def test_bounds():
     eye = torch.eye(6, dtype=torch.float64).expand(2, 6, 6)
-    torch.testing.assert_close(ops.effective_rank(eye, backend="torch"), torch.full((2,), 6.0, dtype=torch.float64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(ops.effective_rank(eye, backend="torch"), torch.full((2,), 6.0, dtype=torch.float64),
+                               rtol=1e-5, atol=0)
     rank_one = torch.randn(10, 1) @ torch.randn(1, 7)
     assert ops.effective_rank(rank_one, backend="torch").item() == pytest.approx(1.0, abs=1e-4)
     zero = ops.effective_rank(torch.zeros(4, 3), backend="torch")

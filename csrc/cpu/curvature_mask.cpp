@@ -16,12 +16,12 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/multi_tensor.h"
 #include "curvature_mask.h"
 
 namespace modalimmune {
 namespace {
 
-constexpr int64_t kChunk = 1 << 16;
 constexpr int64_t kTile = 512;
 
 struct Partial {
@@ -29,12 +29,6 @@ struct Partial {
   double destr_sq = 0.0;
   double kept_sq = 0.0;
   std::array<int64_t, kHistBins> hist{};
-};
-
-struct Job {
-  int tensor;
-  int64_t begin;
-  int64_t end;
 };
 
 template <typename grad_t, bool kProbe, bool kSoft>
@@ -87,8 +81,8 @@ void mask_range(grad_t* __restrict__ gc, const grad_t* __restrict__ gd, float* _
 }
 
 template <typename grad_t>
-void mask_job(const Job& job, at::TensorList gc, at::TensorList gd, at::TensorList d,
-              const c10::optional<at::TensorList>& probe, float beta, float one_minus_beta,
+void mask_job(const Chunk& job, at::TensorList gc, at::TensorList gd, at::TensorList d,
+              const std::optional<at::TensorList>& probe, float beta, float one_minus_beta,
               float tau, bool soft, Partial& acc) {
   const int t = job.tensor;
   grad_t* gc_p = gc[t].data_ptr<grad_t>() + job.begin;
@@ -108,28 +102,10 @@ void mask_job(const Job& job, at::TensorList gc, at::TensorList gd, at::TensorLi
 std::tuple<at::Tensor, at::Tensor> curvature_mask_cpu(at::TensorList grads_clean,
                                                       at::TensorList grads_destr,
                                                       at::TensorList curvature,
-                                                      c10::optional<at::TensorList> probe,
+                                                      std::optional<at::TensorList> probe,
                                                       double beta, double tau, bool soft) {
-  const size_t count = grads_clean.size();
-  TORCH_CHECK(grads_destr.size() == count && curvature.size() == count &&
-                  (!probe.has_value() || probe->size() == count),
-              "curvature_mask: tensor lists differ in length");
-  std::vector<Job> jobs;
-  for (size_t t = 0; t < count; ++t) {
-    const int64_t n = grads_clean[t].numel();
-    TORCH_CHECK(grads_clean[t].is_contiguous() && grads_destr[t].is_contiguous() &&
-                    curvature[t].is_contiguous() && grads_destr[t].numel() == n &&
-                    curvature[t].numel() == n &&
-                    grads_destr[t].scalar_type() == grads_clean[t].scalar_type() &&
-                    curvature[t].scalar_type() == at::kFloat,
-                "curvature_mask: parameter ", t, " has mismatched or non-contiguous tensors");
-    if (probe.has_value())
-      TORCH_CHECK((*probe)[t].is_contiguous() && (*probe)[t].numel() == n &&
-                      (*probe)[t].scalar_type() == at::kFloat,
-                  "curvature_mask: probe ", t, " must be a contiguous float32 tensor like curvature");
-    for (int64_t begin = 0; begin < n; begin += kChunk)
-      jobs.push_back({static_cast<int>(t), begin, std::min(n, begin + kChunk)});
-  }
+  check_curvature_mask_args(grads_clean, grads_destr, curvature, probe, at::kCPU);
+  const std::vector<Chunk> jobs = chunks_of(grads_clean);
 
   Partial total;
   // 1 - beta is rounded from double: computing it from float(beta) would cost ~10 ulp
@@ -140,10 +116,12 @@ std::tuple<at::Tensor, at::Tensor> curvature_mask_cpu(at::TensorList grads_clean
     Partial mine;
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t j = 0; j < static_cast<int64_t>(jobs.size()); ++j) {
-      const Job& job = jobs[j];
+      const Chunk& job = jobs[j];
       AT_DISPATCH_FLOATING_TYPES_AND2(
-          at::kBFloat16, at::kHalf, grads_clean[job.tensor].scalar_type(), "curvature_mask_cpu",
-          [&] { mask_job<scalar_t>(job, grads_clean, grads_destr, curvature, probe, beta_f, one_minus_beta, tau_f, soft, mine); });
+          at::kBFloat16, at::kHalf, grads_clean[job.tensor].scalar_type(), "curvature_mask_cpu", [&] {
+            mask_job<scalar_t>(job, grads_clean, grads_destr, curvature, probe, beta_f, one_minus_beta, tau_f, soft,
+                               mine);
+          });
     }
 #pragma omp critical
     {

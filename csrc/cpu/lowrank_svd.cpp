@@ -51,16 +51,15 @@ inline bool fortran_gemm(const char* ta, const char* tb, const int* m, const int
   return true;
 }
 
-// Row-major C (m x n) = op(A) op(B), with op(X) = X^T when the flag is set;
-// a, b, c are row-major with leading dimensions lda, ldb, ldc. BLAS is
-// column-major, so it computes C^T = op(B)^T op(A)^T.
+// Row-major C (m x n) = alpha op(A) op(B) + beta C, with op(X) = X^T when the flag is set;
+// a, b, c are row-major with leading dimensions lda, ldb, ldc. BLAS is column-major, so it
+// computes C^T = alpha op(B)^T op(A)^T + beta C^T.
 template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
-          int64_t ldb, T* c, int64_t ldc) {
+          int64_t ldb, T* c, int64_t ldc, T alpha = 1, T beta = 0) {
   const int mm = static_cast<int>(n), nn = static_cast<int>(m), kk = static_cast<int>(k);
   const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-  const T one = 1, zero = 0;
-  if (fortran_gemm(trans_b ? "T" : "N", trans_a ? "T" : "N", &mm, &nn, &kk, &one, b, &la, a, &lb, &zero, c, &lc))
+  if (fortran_gemm(trans_b ? "T" : "N", trans_a ? "T" : "N", &mm, &nn, &kk, &alpha, b, &la, a, &lb, &beta, c, &lc))
     return;
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   const auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
@@ -68,33 +67,37 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* 
     return trans ? t.t() : t;
   };
   at::Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, options);
-  at::mm_out(out, view(a, trans_a ? k : m, trans_a ? m : k, lda, trans_a),
-             view(b, trans_b ? n : k, trans_b ? k : n, ldb, trans_b));
+  const at::Tensor lhs = view(a, trans_a ? k : m, trans_a ? m : k, lda, trans_a);
+  const at::Tensor rhs = view(b, trans_b ? n : k, trans_b ? k : n, ldb, trans_b);
+  if (alpha == T(1) && beta == T(0))
+    at::mm_out(out, lhs, rhs);
+  else
+    out.addmm_(lhs, rhs, beta, alpha);
 }
 
-// One thread's buffers, allocated once: panels Zt, Wt (q x d), Yt (q x n), the q x q
-// matrices, the Ritz vectors (q x k) and the Jacobi step's 2 x 2 transforms.
+// One thread's buffers, allocated once: panels Zt, Wt (q x d), Yt (q x n), the completions'
+// columns (q x max(n, d)), the q x q matrices, the Ritz vectors (q x k) and the Jacobi step's
+// 2 x 2 transforms.
 template <typename T>
 struct Workspace {
   int64_t n, d, q, k;
-  std::vector<T> zt, wt, yt, gram, inv, vt, eig, eig_scaled;
+  std::vector<T> zt, wt, yt, basis, gram, inv, vt, eig, eig_scaled, coef;
   std::vector<T> coef_a, coef_b, coef_c, coef_d, diag_first, diag_second;  // one entry per pair
   std::vector<double> chol, chol_inv, vals;
   std::vector<int64_t> order;
   Workspace(int64_t n, int64_t d, int64_t q, int64_t k)
-      : n(n), d(d), q(q), k(k), zt(q * d), wt(q * d), yt(q * n), gram(q * q), inv(q * q), vt(q * q),
-        eig(q * k), eig_scaled(q * k), coef_a(q / 2 + 1), coef_b(q / 2 + 1), coef_c(q / 2 + 1),
-        coef_d(q / 2 + 1), diag_first(q / 2 + 1), diag_second(q / 2 + 1), chol(q * q), chol_inv(q * q),
-        vals(k), order(q) {}
+      : n(n), d(d), q(q), k(k), zt(q * d), wt(q * d), yt(q * n), basis(q * std::max(n, d)), gram(q * q),
+        inv(q * q), vt(q * q), eig(q * k), eig_scaled(q * k), coef(q * q), coef_a(q / 2 + 1), coef_b(q / 2 + 1),
+        coef_c(q / 2 + 1), coef_d(q / 2 + 1), diag_first(q / 2 + 1), diag_second(q / 2 + 1), chol(q * q),
+        chol_inv(q * q), vals(k), order(q) {}
 };
 
-// out = R^{-T} X for the q x m panel X, with R^T R = X X^T + tau I,
+// out = R^{-T} X for the q x m panel X (q <= ws.q rows), with R^T R = X X^T + tau I,
 // tau = eps tr(X X^T) + tiny: one shifted CholeskyQR step on X^T
 // (docs/ops/lowrank_svd.md, "Orthonormalisation"). R and R^{-1} in double, both
 // row by row as vectorised axpys; R^{-1} is applied (transposed) by BLAS in T.
 template <typename T>
-void cholqr_step(const T* x, int64_t m, T* out, Workspace<T>& ws) {
-  const int64_t q = ws.q;
+void cholqr_step(const T* x, int64_t q, int64_t m, T* out, Workspace<T>& ws) {
   gemm<T>(false, true, q, q, m, x, m, x, m, ws.gram.data(), q);
   double* r = ws.chol.data();  // upper factor, row-major; only j >= i is used
   double trace = 0.0;
@@ -141,8 +144,8 @@ void cholqr_step(const T* x, int64_t m, T* out, Workspace<T>& ws) {
 // Zt <- orth(Wt) (CholeskyQR2); Wt is overwritten.
 template <typename T>
 void orthonormalize(Workspace<T>& ws) {
-  cholqr_step<T>(ws.wt.data(), ws.d, ws.zt.data(), ws);
-  cholqr_step<T>(ws.zt.data(), ws.d, ws.wt.data(), ws);
+  cholqr_step<T>(ws.wt.data(), ws.q, ws.d, ws.zt.data(), ws);
+  cholqr_step<T>(ws.zt.data(), ws.q, ws.d, ws.wt.data(), ws);
   std::swap(ws.zt, ws.wt);
 }
 
@@ -259,6 +262,28 @@ void jacobi_eig(Workspace<T>& ws) {
   }
 }
 
+// Columns resolved..k-1 of q_out (m x k, row-major) become an orthonormal basis of part of the
+// complement of columns 0..resolved-1 (orthonormal): the same columns of the sketch omega
+// (n x q; its rows repeated when m > n), projected out of those and orthonormalised, twice
+// (docs/ops/lowrank_svd.md, "Degenerate inputs"). scratch: k x m, free for the call.
+template <typename T>
+void complete_basis(const T* omega, int64_t m, int64_t resolved, T* scratch, Workspace<T>& ws, T* q_out) {
+  const int64_t n = ws.n, q = ws.q, k = ws.k, c = k - resolved;
+  T* x = ws.basis.data();  // the new columns as the rows of a c x m panel
+  for (int64_t j = 0; j < c; ++j)
+    for (int64_t i = 0; i < m; ++i) x[j * m + i] = omega[(i % n) * q + resolved + j];
+  for (int pass = 0; pass < 2; ++pass) {
+    if (resolved > 0) {  // X <- X - (X Q_r) Q_r^T
+      gemm<T>(false, false, c, resolved, m, x, m, q_out, k, ws.coef.data(), resolved);
+      gemm<T>(false, true, c, m, resolved, ws.coef.data(), resolved, q_out, k, x, m, T(-1), T(1));
+    }
+    cholqr_step<T>(x, c, m, scratch, ws);
+    std::copy(scratch, scratch + c * m, x);
+  }
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < c; ++j) q_out[i * k + resolved + j] = x[j * m + i];
+}
+
 // One matrix: a (n x d), omega (n x q) -> u (n x k), s (k), v (d x k), all row-major.
 template <typename T>
 void lowrank_svd_one(const T* a, const T* omega, int64_t niter, Workspace<T>& ws, T* u, T* s, T* v) {
@@ -276,15 +301,23 @@ void lowrank_svd_one(const T* a, const T* omega, int64_t niter, Workspace<T>& ws
   gemm<T>(false, true, q, q, n, ws.yt.data(), n, ws.yt.data(), n, ws.gram.data(), q);
   jacobi_eig<T>(ws);
   for (int64_t c = 0; c < k; ++c) s[c] = static_cast<T>(std::sqrt(std::max(ws.vals[c], 0.0)));
-  // U = Y E diag(1/S); a value at or below eps s_1 is zero to working precision and
-  // gets a zero column (docs/ops/lowrank_svd.md, "Degenerate inputs")
+  // U = Y E diag(1/S), V = Z E where s_c > eps s_1 (a prefix: S descends); a value at or below is
+  // zero to working precision: its columns complete the bases, from the sketch
+  // (docs/ops/lowrank_svd.md, "Degenerate inputs")
   const T eps = std::numeric_limits<T>::epsilon(), tiny = std::numeric_limits<T>::min();
+  int64_t resolved = 0;
   for (int64_t c = 0; c < k; ++c) {
-    const T inv_sigma = s[c] > eps * s[0] ? T(1) / std::max(s[c], tiny) : T(0);
+    const bool zero = !(s[c] > eps * s[0]);
+    const T inv_sigma = zero ? T(0) : T(1) / std::max(s[c], tiny);
+    resolved += zero ? 0 : 1;
     for (int64_t m = 0; m < q; ++m) ws.eig_scaled[m * k + c] = ws.eig[m * k + c] * inv_sigma;
   }
   gemm<T>(true, false, d, k, q, ws.zt.data(), d, ws.eig.data(), k, v, k);
   gemm<T>(true, false, n, k, q, ws.yt.data(), n, ws.eig_scaled.data(), k, u, k);
+  if (resolved < k) {  // Y and W are no longer needed: scratch
+    complete_basis<T>(omega, n, resolved, ws.yt.data(), ws, u);
+    complete_basis<T>(omega, d, resolved, ws.wt.data(), ws, v);
+  }
 }
 
 template <typename T>
@@ -319,10 +352,10 @@ void lowrank_svd_batch(const at::Tensor& a, const at::Tensor& omega, int64_t k, 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_svd_cpu(const at::Tensor& A, const at::Tensor& omega,
-                                                              int64_t k, int64_t niter) {
-  check_lowrank_svd_args(A, omega, k, niter);
-  const int64_t b = A.size(0), n = A.size(1), d = A.size(2);
-  TORCH_CHECK(std::max(n, d) <= std::numeric_limits<int>::max(), "lowrank_svd: n and d must fit a 32-bit BLAS int");
+                                                              int64_t niter) {
+  check_lowrank_svd_args(A, omega, niter);
+  const int64_t b = A.size(0), n = A.size(1), d = A.size(2), k = omega.size(2);
+  TORCH_CHECK(std::max(n, d) <= std::numeric_limits<int>::max(), "lowrank_svd: A: n and d must fit a 32-bit BLAS int");
   const at::Tensor a = A.detach().contiguous(), o = omega.detach().contiguous();
   at::Tensor U = at::empty({b, n, k}, A.options()), S = at::empty({b, k}, A.options()),
              V = at::empty({b, d, k}, A.options());

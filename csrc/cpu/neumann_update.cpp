@@ -8,16 +8,11 @@
 
 #include <vector>
 
+#include "cpu/multi_tensor.h"
+#include "neumann_update.h"
+
 namespace modalimmune {
 namespace {
-
-constexpr int64_t kChunk = 1 << 16;
-
-struct Job {
-  int tensor;
-  int64_t begin;
-  int64_t end;
-};
 
 template <typename scalar_t>
 void update_range(scalar_t* __restrict__ v, scalar_t* __restrict__ p, const scalar_t* __restrict__ w,
@@ -39,26 +34,14 @@ void update_range(scalar_t* __restrict__ v, scalar_t* __restrict__ p, const scal
 
 at::Tensor neumann_update_cpu(at::TensorList v, at::TensorList p, at::TensorList w, const at::Tensor& alpha,
                               double damping) {
-  const size_t count = v.size();
-  TORCH_CHECK(p.size() == count && w.size() == count, "neumann_update: tensor lists differ in length");
-  TORCH_CHECK(alpha.dim() == 0 && alpha.device().is_cpu(), "neumann_update: alpha must be a 0-dim CPU tensor");
-  std::vector<Job> jobs;
-  for (size_t t = 0; t < count; ++t) {
-    const int64_t n = v[t].numel();
-    TORCH_CHECK(v[t].is_contiguous() && p[t].is_contiguous() && w[t].is_contiguous() && p[t].numel() == n &&
-                    w[t].numel() == n && p[t].scalar_type() == v[t].scalar_type() &&
-                    w[t].scalar_type() == v[t].scalar_type() &&
-                    (v[t].scalar_type() == at::kFloat || v[t].scalar_type() == at::kDouble),
-                "neumann_update: parameter ", t, " has mismatched, non-contiguous or non-float tensors");
-    for (int64_t begin = 0; begin < n; begin += kChunk)
-      jobs.push_back({static_cast<int>(t), begin, std::min(n, begin + kChunk)});
-  }
+  check_neumann_update_args(v, p, w, alpha);
+  const std::vector<Chunk> jobs = chunks_of(v);
 
   const double alpha_value = alpha.item<double>();
   double sq = 0.0, dot = 0.0;
 #pragma omp parallel for schedule(dynamic, 1) reduction(+ : sq, dot)
   for (int64_t j = 0; j < static_cast<int64_t>(jobs.size()); ++j) {
-    const Job& job = jobs[j];
+    const Chunk& job = jobs[j];
     const int t = job.tensor;
     AT_DISPATCH_FLOATING_TYPES(v[t].scalar_type(), "neumann_update_cpu", [&] {
       update_range<scalar_t>(v[t].data_ptr<scalar_t>() + job.begin, p[t].data_ptr<scalar_t>() + job.begin,

@@ -17,7 +17,6 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kVec = 4;
-constexpr int64_t kChunk = 1 << 16;
 
 template <typename T>
 struct alignas(sizeof(T) * kVec) Vec {
@@ -111,7 +110,7 @@ void launch_group(const std::vector<std::vector<at::Tensor>>& lists, bool with_p
   auto stream = at::cuda::getCurrentCUDAStream();
   double* stats_p = stats.data_ptr<double>();
   auto* hist_p = reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>());
-  multi_tensor_apply<4>(kChunk, lists, [&](const TensorTable<4>& table, int blocks) {
+  multi_tensor_apply<4>(lists, [&](const TensorTable<4>& table, int blocks) {
     auto kernel = with_probe ? (soft ? curvature_mask_kernel<grad_t, true, true>
                                      : curvature_mask_kernel<grad_t, true, false>)
                              : (soft ? curvature_mask_kernel<grad_t, false, true>
@@ -124,38 +123,12 @@ void launch_group(const std::vector<std::vector<at::Tensor>>& lists, bool with_p
 std::tuple<at::Tensor, at::Tensor> curvature_mask_cuda(at::TensorList grads_clean,
                                                        at::TensorList grads_destr,
                                                        at::TensorList curvature,
-                                                       c10::optional<at::TensorList> probe,
+                                                       std::optional<at::TensorList> probe,
                                                        double beta, double tau, bool soft) {
-  const size_t count = grads_clean.size();
-  TORCH_CHECK(count > 0, "curvature_mask: empty tensor lists");
-  TORCH_CHECK(grads_destr.size() == count && curvature.size() == count &&
-                  (!probe.has_value() || probe->size() == count),
-              "curvature_mask: tensor lists differ in length");
-  const at::Device device = grads_clean[0].device();
-  c10::cuda::CUDAGuard guard(device);
-  std::vector<std::vector<at::Tensor>> lists(4);
-  for (size_t t = 0; t < count; ++t) {
-    const at::Tensor& c = grads_clean[t];
-    const int64_t n = c.numel();
-    TORCH_CHECK(c.device() == device && grads_destr[t].device() == device &&
-                    curvature[t].device() == device && c.is_contiguous() &&
-                    grads_destr[t].is_contiguous() && curvature[t].is_contiguous() &&
-                    grads_destr[t].numel() == n && curvature[t].numel() == n &&
-                    grads_destr[t].scalar_type() == c.scalar_type() &&
-                    curvature[t].scalar_type() == at::kFloat,
-                "curvature_mask: parameter ", t, " has mismatched, non-contiguous or misplaced tensors");
-    at::Tensor p;
-    if (probe.has_value()) {
-      p = (*probe)[t];
-      TORCH_CHECK(p.device() == device && p.is_contiguous() && p.numel() == n &&
-                      p.scalar_type() == at::kFloat,
-                  "curvature_mask: probe ", t, " must be a contiguous float32 tensor like curvature");
-    }
-    lists[0].push_back(c);
-    lists[1].push_back(grads_destr[t]);
-    lists[2].push_back(curvature[t]);
-    lists[3].push_back(p);
-  }
+  TORCH_CHECK(!grads_clean.empty(), "curvature_mask: grads_clean: expected at least one tensor on the GPU");
+  check_curvature_mask_args(grads_clean, grads_destr, curvature, probe, grads_clean[0].device());
+  c10::cuda::CUDAGuard guard(grads_clean[0].device());
+  const auto lists = gather_lists({grads_clean, grads_destr, curvature, probe});
   at::Tensor stats = at::zeros({3}, grads_clean[0].options().dtype(at::kDouble));
   at::Tensor hist = at::zeros({kHistBins}, grads_clean[0].options().dtype(at::kLong));
   for (auto& [dtype, group] : group_by_dtype(lists)) {  // parameters grouped by gradient dtype

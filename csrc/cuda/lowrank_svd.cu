@@ -152,16 +152,32 @@ at::Tensor orthonormalize(const at::Tensor& y, const at::Tensor& gram, double ep
   return cholqr_step(q1, at::bmm(q1.mT(), q1), eps, tiny);
 }
 
+// q_in (b, m, q) with its columns outside `resolved` (b, q; a prefix of each row) replaced by the
+// same columns of `source`, projected out of the others and orthonormalised, twice: the resolved
+// columns of x stay exactly zero, so a fully resolved q_in comes back unchanged
+// (docs/ops/lowrank_svd.md, "Degenerate inputs").
+at::Tensor complete_basis(const at::Tensor& q_in, const at::Tensor& resolved, const at::Tensor& source, double eps,
+                          double tiny) {
+  const at::Tensor keep = resolved.unsqueeze(-2).to(q_in.scalar_type());
+  const at::Tensor q_kept = q_in * keep;
+  at::Tensor x = source * (1 - keep);
+  for (int pass = 0; pass < 2; ++pass) {
+    x = x - at::bmm(q_kept, at::bmm(q_kept.mT(), x));
+    x = cholqr_step(x, at::bmm(x.mT(), x), eps, tiny);
+  }
+  return q_kept + x;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_svd_cuda(const at::Tensor& A, const at::Tensor& omega,
-                                                               int64_t k, int64_t niter) {
-  check_lowrank_svd_args(A, omega, k, niter);
+                                                               int64_t niter) {
+  check_lowrank_svd_args(A, omega, niter);
   const c10::cuda::CUDAGuard guard(A.device());
   const bool single = A.scalar_type() == at::kFloat;
   const double eps = single ? std::numeric_limits<float>::epsilon() : std::numeric_limits<double>::epsilon();
   const double tiny = single ? std::numeric_limits<float>::min() : std::numeric_limits<double>::min();
-  const at::Tensor a = A.contiguous(), a_t = a.mT();
+  const at::Tensor a = A.contiguous(), a_t = a.mT(), sketch = omega.contiguous();
   // sketch from the row side: Z = orth(A^T Omega), then Z <- orth(A^T (A Z))
-  at::Tensor z = at::bmm(a_t, omega);
+  at::Tensor z = at::bmm(a_t, sketch);
   z = orthonormalize(z, at::bmm(z.mT(), z), eps, tiny);
   for (int64_t it = 0; it < niter; ++it) {
     const at::Tensor w = at::bmm(a_t, at::bmm(a, z));
@@ -169,12 +185,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_svd_cuda(const at::Tensor
   }
   const at::Tensor y = at::bmm(a, z);
   auto [vals, vecs] = sorted_eig(at::bmm(y.mT(), y));
-  const at::Tensor w = vecs.narrow(-1, 0, k).to(A.scalar_type());
-  const at::Tensor s = vals.narrow(-1, 0, k).clamp_min(0).sqrt().to(A.scalar_type());
-  // s_i <= eps s_1 is zero to working precision: its U column is 0 (docs: "Degenerate inputs")
-  const at::Tensor inverse = at::where(s > s.narrow(-1, 0, 1) * eps, s.clamp_min(tiny).reciprocal(), 0);
-  const at::Tensor u = at::bmm(y, w) * inverse.unsqueeze(-2);
-  return {u, s.contiguous(), at::bmm(z, w)};
+  const at::Tensor w = vecs.to(A.scalar_type());
+  const at::Tensor s = vals.clamp_min(0).sqrt().to(A.scalar_type());
+  // s_i <= eps s_1 is zero to working precision: no division by it; the columns of U and V of
+  // those values complete the bases, from the sketch (its rows repeated for V)
+  const at::Tensor resolved = s > s.narrow(-1, 0, 1) * eps;
+  const at::Tensor inverse = at::where(resolved, s.clamp_min(tiny).reciprocal(), 0);
+  const int64_t n = A.size(1), d = A.size(2);
+  const at::Tensor rows = at::arange(d, sketch.options().dtype(at::kLong)).remainder(n);
+  const at::Tensor u = complete_basis(at::bmm(y, w) * inverse.unsqueeze(-2), resolved, sketch, eps, tiny);
+  const at::Tensor v = complete_basis(at::bmm(z, w), resolved, sketch.index_select(1, rows), eps, tiny);
+  return {u, s.contiguous(), v};
 }
 
 }  // namespace

@@ -1,15 +1,20 @@
 // Chunked pointer tables for multi-tensor kernels, in the spirit of apex's
 // multi_tensor_apply: the tables travel as a kernel argument (no host-to-device
 // copy; kernel arguments may hold up to 32 KB from sm_70 with CUDA 12.1+); each
-// block processes one chunk of one tensor. A launch covers up to
-// kMaxTensors tensors and kMaxBlocks chunks; longer lists take a few launches.
+// block processes one chunk of kChunk elements of one tensor. A launch covers up
+// to kMaxTensors tensors and kMaxBlocks chunks; longer lists take a few launches.
+// The lists are checked once, by the op's check_*_args (csrc/multi_tensor.h).
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <map>
+#include <optional>
 #include <vector>
+
+#include "modalimmune_constants.h"
+#include "multi_tensor.h"
 
 namespace modalimmune {
 
@@ -24,13 +29,22 @@ struct TensorTable {
   int block_chunk[kMaxBlocks];
 };
 
+// lists[k][t]: tensor t of argument k, from the op's (checked) tensor lists; an absent
+// optional list gives undefined tensors (null addresses in the tables).
+inline std::vector<std::vector<at::Tensor>> gather_lists(const std::vector<std::optional<at::TensorList>>& args) {
+  const size_t count = args.front()->size();
+  std::vector<std::vector<at::Tensor>> lists(args.size(), std::vector<at::Tensor>(count));
+  for (size_t k = 0; k < args.size(); ++k)
+    if (args[k].has_value()) std::copy(args[k]->begin(), args[k]->end(), lists[k].begin());
+  return lists;
+}
+
 // Calls launch(table, blocks) for successive tables covering every chunk of
 // every tensor. lists[k][t] is tensor t of list k; all lists have equal length
 // and lists[k][t].numel() == lists[0][t].numel(). A null tensor slot
 // (undefined Tensor) gives a null address.
 template <int kDepth, typename Launch>
-void multi_tensor_apply(int64_t chunk_size, const std::vector<std::vector<at::Tensor>>& lists,
-                        Launch&& launch) {
+void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, Launch&& launch) {
   TensorTable<kDepth> table;
   int tensors = 0, blocks = 0;
   const size_t count = lists[0].size();
@@ -41,7 +55,7 @@ void multi_tensor_apply(int64_t chunk_size, const std::vector<std::vector<at::Te
       table.addresses[k][tensors] = lists[k][t].defined() ? lists[k][t].data_ptr() : nullptr;
     table.numel[tensors] = n;
     ++tensors;
-    const int64_t chunks = (n + chunk_size - 1) / chunk_size;
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
     for (int64_t c = 0; c < chunks; ++c) {
       table.block_tensor[blocks] = static_cast<unsigned char>(tensors - 1);
       table.block_chunk[blocks] = static_cast<int>(c);

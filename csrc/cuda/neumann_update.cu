@@ -11,12 +11,12 @@
 #include <torch/library.h>
 
 #include "cuda/multi_tensor.cuh"
+#include "neumann_update.h"
 
 namespace modalimmune {
 namespace {
 
 constexpr int kThreads = 512;
-constexpr int64_t kChunk = 1 << 16;
 
 // Sums x over the block; thread 0 adds the result to *out.
 template <typename T>
@@ -62,31 +62,14 @@ __global__ void __launch_bounds__(kThreads)
 
 at::Tensor neumann_update_cuda(at::TensorList v, at::TensorList p, at::TensorList w, const at::Tensor& alpha,
                                double damping) {
-  const size_t count = v.size();
-  TORCH_CHECK(count > 0, "neumann_update: empty tensor lists");
-  TORCH_CHECK(p.size() == count && w.size() == count, "neumann_update: tensor lists differ in length");
-  const at::Device device = v[0].device();
-  TORCH_CHECK(alpha.dim() == 0 && alpha.device() == device && alpha.scalar_type() == at::kDouble,
-              "neumann_update: alpha must be a 0-dim float64 tensor on ", device);
-  c10::cuda::CUDAGuard guard(device);
-  std::vector<std::vector<at::Tensor>> lists(3);
-  for (size_t t = 0; t < count; ++t) {
-    const int64_t n = v[t].numel();
-    TORCH_CHECK(v[t].device() == device && p[t].device() == device && w[t].device() == device &&
-                    v[t].is_contiguous() && p[t].is_contiguous() && w[t].is_contiguous() &&
-                    p[t].numel() == n && w[t].numel() == n && p[t].scalar_type() == v[t].scalar_type() &&
-                    w[t].scalar_type() == v[t].scalar_type() &&
-                    (v[t].scalar_type() == at::kFloat || v[t].scalar_type() == at::kDouble),
-                "neumann_update: parameter ", t, " has mismatched, non-contiguous, misplaced or non-float tensors");
-    lists[0].push_back(v[t]);
-    lists[1].push_back(p[t]);
-    lists[2].push_back(w[t]);
-  }
-  at::Tensor stats = at::zeros({2}, v[0].options().dtype(at::kDouble));
+  check_neumann_update_args(v, p, w, alpha);
+  c10::cuda::CUDAGuard guard(alpha.device());
+  const auto lists = gather_lists({v, p, w});
+  at::Tensor stats = at::zeros({2}, alpha.options());
   auto stream = at::cuda::getCurrentCUDAStream();
   for (auto& [dtype, group] : group_by_dtype(lists)) {  // parameters grouped by dtype
     AT_DISPATCH_FLOATING_TYPES(dtype, "neumann_update_cuda", [&] {
-      multi_tensor_apply<3>(kChunk, group, [&](const TensorTable<3>& table, int blocks) {
+      multi_tensor_apply<3>(group, [&](const TensorTable<3>& table, int blocks) {
         neumann_update_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
             table, alpha.data_ptr<double>(), static_cast<scalar_t>(damping), stats.data_ptr<double>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -7,7 +7,7 @@ outputs), so that a loop of products pays one backward pass each.
 
 import torch
 
-from ..ops import _validate
+from .. import checks
 from . import _vectors
 
 HVP_MODES = ("double_backward", "fwd_rev")
@@ -63,7 +63,7 @@ class GGNOperator:
 def _prepare(params, v, mode):
     params, single = _vectors.as_list("params", params)
     v = _vectors.match("v", v, params, single)
-    _validate.choice("mode", mode, HVP_MODES)
+    checks.choice("mode", mode, HVP_MODES)
     return [p.detach() for p in params], [x.detach() for x in v], single
 
 

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from ..ops import _validate
+from .. import checks
 from . import _vectors
 from .hvp import GGNOperator, HessianOperator
 from .neumann import capture_stream, neumann_solve
@@ -24,7 +24,7 @@ MAX_BOUND_ROWS = 64  # hypergradient bound only for at most this many hyperparam
 
 
 def _parameters(name, values):
-    values = _validate.tensor_list(name, values)
+    values = checks.tensor_list(name, values)
     if not values:
         raise ValueError(f"{name}: expected at least one tensor")
     for i, t in enumerate(values):
@@ -95,7 +95,7 @@ def implicit_hypergradient(inner_loss, outer_loss, params, hparams, *, curvature
     """
     params = _parameters("params", params)
     hparams = _parameters("hparams", hparams)
-    _validate.choice("curvature", curvature, CURVATURES)
+    checks.choice("curvature", curvature, CURVATURES)
     # a captured solve replays the curvature's autograd graph: it must be built on the capture stream
     stream = None
     if solver_options.get("capture", False) and params[0].device.type == "cuda":

@@ -15,7 +15,7 @@ import math
 import torch
 
 from .. import backend as _backends
-from ..ops import _validate
+from .. import checks
 from ..ops.neumann_update import VECTOR_DTYPES, neumann_update_
 from . import _vectors, certificate
 
@@ -84,16 +84,16 @@ def _validate_args(v, damping, alpha, tol, max_iter, power_iters, capture, check
             raise TypeError(f"v[{i}]: expected float32 or float64, got {t.dtype}")
         if t.device != device:
             raise ValueError(f"v[{i}]: expected a tensor on {device}, got {t.device}")
-    if not _validate.all_finite(v):
+    if not checks.all_finite(v):
         raise ValueError("v: expected finite values, got inf or nan")
-    damping = _validate.finite_float("damping", damping, 0.0)
-    tol = _validate.finite_float("tol", tol)
+    damping = checks.number("damping", damping, 0.0)
+    tol = checks.number("tol", tol)
     if tol <= 0.0:
         raise ValueError(f"tol: expected a value > 0, got {tol}")
     _positive_int("max_iter", max_iter)
     if alpha is None:
         _positive_int("power_iters", power_iters)
-    elif _validate.finite_float("alpha", alpha) <= 0.0:
+    elif checks.number("alpha", alpha) <= 0.0:
         raise ValueError(f"alpha: expected a value > 0, got {alpha}")
     if not isinstance(capture, bool):
         raise TypeError(f"capture: expected a bool, got {type(capture).__name__}")
@@ -141,7 +141,7 @@ def neumann_solve(matvec, v, *, damping=0.0, alpha=None, tol=1e-3, max_iter=200,
     """
     vectors, single, damping, tol, impl = _validate_args(
         v, damping, alpha, tol, max_iter, power_iters, capture, check_every, backend)
-    relative_damping = _validate.finite_float("relative_damping", relative_damping, 0.0)
+    relative_damping = checks.number("relative_damping", relative_damping, 0.0)
     if relative_damping > 0.0 and alpha is not None:
         raise ValueError("relative_damping: needs the power iteration's lambda_max, so alpha must be None")
     v0 = [t.detach().contiguous().clone() for t in vectors]

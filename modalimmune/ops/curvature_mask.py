@@ -17,13 +17,11 @@ from typing import NamedTuple
 
 import torch
 
-from .. import _extension
 from .. import backend as _backends
-from . import _validate
+from .. import checks
+from . import _library
+from .constants import HIST_BINS, HIST_MANTISSA_BITS, HIST_MIN_EXP, HIST_OFFSET, HIST_SHIFT
 
-HIST_BINS = 256
-HIST_MIN_EXP = -40
-_HIST_OFFSET = (127 + HIST_MIN_EXP) << 2
 MODES = ("hard", "soft")
 
 
@@ -41,8 +39,10 @@ def hist_edges():
     """The ``HIST_BINS + 1`` bin edges of |D| (float64): four bins per octave
     from 2^HIST_MIN_EXP, i.e. edges 2^e * (1 + j/4). The first bin also holds
     every smaller value (0 included), the last every larger one (inf included)."""
+    per_octave = 1 << HIST_MANTISSA_BITS
     b = torch.arange(1, HIST_BINS, dtype=torch.float64)
-    inner = torch.exp2(HIST_MIN_EXP + torch.div(b, 4, rounding_mode="floor")) * (1 + (b % 4) / 4)
+    octave = torch.div(b, per_octave, rounding_mode="floor")
+    inner = torch.exp2(HIST_MIN_EXP + octave) * (1 + (b % per_octave) / per_octave)
     inf = torch.tensor([float("inf")], dtype=torch.float64)
     return torch.cat([torch.zeros(1, dtype=torch.float64), inner, inf])
 
@@ -50,7 +50,7 @@ def hist_edges():
 def quantile_from_hist(hist, q):
     """The upper edge of the bin where the cumulative share of counts reaches
     ``q``: at least a fraction ``q`` of the |D| values are <= the result."""
-    q = _validate.finite_float("q", q, 0.0, 1.0)
+    q = checks.number("q", q, 0.0, 1.0)
     counts = hist.detach().double().cpu().cumsum(0)
     total = counts[-1].item()
     if total == 0:
@@ -62,7 +62,7 @@ def quantile_from_hist(hist, q):
 def hist_bins(d):
     """Bin index of each |d| (read off the float32 bits, as every kernel does)."""
     bits = d.detach().float().abs().contiguous().view(torch.int32)
-    return ((bits >> 21) - _HIST_OFFSET).clamp_(0, HIST_BINS - 1)
+    return ((bits >> HIST_SHIFT) - HIST_OFFSET).clamp_(0, HIST_BINS - 1)
 
 
 def curvature_mask_reference(grads_clean, grads_destr, curvature, probe, beta, tau, soft):
@@ -92,29 +92,32 @@ def curvature_mask_reference(grads_clean, grads_destr, curvature, probe, beta, t
 
 
 def _validate_args(grads_clean, grads_destr, curvature, probe, beta, tau, mode):
-    grads_clean = _validate.tensor_list("grads_clean", grads_clean)
+    grads_clean = checks.tensor_list("grads_clean", grads_clean)
     count = len(grads_clean)
-    grads_destr = _validate.tensor_list("grads_destr", grads_destr, count)
-    curvature = _validate.tensor_list("curvature", curvature, count)
+    grads_destr = checks.tensor_list("grads_destr", grads_destr, count)
+    curvature = checks.tensor_list("curvature", curvature, count)
     if probe is not None:
-        probe = _validate.tensor_list("probe", probe, count)
-    beta = _validate.finite_float("beta", beta, 0.0, 1.0, high_open=True)
-    tau = _validate.finite_float("tau", tau, 0.0)
-    _validate.choice("mode", mode, MODES)
+        probe = checks.tensor_list("probe", probe, count)
+    beta = checks.number("beta", beta, 0.0, 1.0, high_open=True)
+    tau = checks.number("tau", tau, 0.0)
+    checks.choice("mode", mode, MODES)
     device = grads_clean[0].device if count else None
     for i in range(count):
         named = [("grads_clean", grads_clean[i]), ("grads_destr", grads_destr[i]), ("curvature", curvature[i])]
         if probe is not None:
             named.append(("probe", probe[i]))
-        _validate.parameter_tensors(i, named, device)
+        checks.parameter_tensors(i, named, device)
         for name, tensor in named[:2]:
-            if tensor.dtype not in _validate.GRAD_DTYPES:
+            if tensor.dtype not in checks.GRAD_DTYPES:
                 raise TypeError(f"{name}[{i}]: expected float32, bfloat16 or float16, got {tensor.dtype}")
         if grads_destr[i].dtype != grads_clean[i].dtype:
-            raise TypeError(f"grads_destr[{i}]: expected {grads_clean[i].dtype} like grads_clean[{i}], got {grads_destr[i].dtype}")
+            checks.fail(f"grads_destr[{i}]", f"{grads_clean[i].dtype} like grads_clean[{i}]", grads_destr[i].dtype,
+                        TypeError)
         for name, tensor in named[2:]:
             if tensor.dtype != torch.float32:
                 raise TypeError(f"{name}[{i}]: expected float32, got {tensor.dtype}")
+    _library.check_writable("grads_clean", grads_clean, "curvature_mask_")
+    _library.check_writable("curvature", curvature, "curvature_mask_")
     return grads_clean, grads_destr, curvature, probe, beta, tau
 
 
@@ -134,6 +137,8 @@ def curvature_mask_(grads_clean, grads_destr, curvature, probe=None, *, beta=0.9
     Returns:
         :class:`MaskStats` of the pass. Every argument is checked before any
         tensor is written; bad input raises ``TypeError``/``ValueError`` naming it.
+        As with an in-place PyTorch op, a written tensor may not require grad
+        (``RuntimeError``, in grad mode), and each one's version counter goes up.
     """
     grads_clean, grads_destr, curvature, probe, beta, tau = _validate_args(
         grads_clean, grads_destr, curvature, probe, beta, tau, mode)
@@ -145,10 +150,9 @@ def curvature_mask_(grads_clean, grads_destr, curvature, probe=None, *, beta=0.9
     soft = mode == "soft"
     if impl == "torch":
         stats, hist = curvature_mask_reference(grads_clean, grads_destr, curvature, probe, beta, tau, soft)
-    elif impl == "triton":
-        stats, hist = curvature_mask_triton(grads_clean, grads_destr, curvature, probe, beta, tau, soft)
     else:
-        stats, hist = torch.ops.modalimmune.curvature_mask(grads_clean, grads_destr, curvature, probe, beta, tau, soft)
+        op = triton_op if impl == "triton" else compiled_op
+        stats, hist = op(grads_clean, grads_destr, curvature, probe, beta, tau, soft)
     return _stats(stats, hist, sum(g.numel() for g in grads_clean))
 
 
@@ -167,19 +171,14 @@ def _fake(grads_clean, grads_destr, curvature, probe, beta, tau, soft):
             torch.empty(HIST_BINS, dtype=torch.int64, device=device))
 
 
-_SCHEMA = ("(Tensor(a!)[] grads_clean, Tensor[] grads_destr, Tensor(b!)[] curvature, Tensor[]? probe, "
-           "float beta, float tau, bool soft) -> (Tensor, Tensor)")  # as csrc/registration.cpp
-
-
-@torch.library.custom_op("modalimmune::curvature_mask_triton", mutates_args=("grads_clean", "curvature"), schema=_SCHEMA)
-def curvature_mask_triton(grads_clean, grads_destr, curvature, probe, beta, tau, soft):
-    """The Triton backend as a custom op (kernels/curvature_mask.py)."""
+def _triton_kernel(grads_clean, grads_destr, curvature, probe, beta, tau, soft):
     from ..kernels import curvature_mask as kernel
 
     return kernel.curvature_mask(grads_clean, grads_destr, curvature, probe, beta, tau, soft)
 
 
-curvature_mask_triton.register_fake(_fake)
-
-
-_extension.register_fake("curvature_mask", _fake)
+# stats = float64[3] (masked count, sum g_d^2, sum (M g_d)^2), hist = int64[HIST_BINS]
+SCHEMA = ("(Tensor(a!)[] grads_clean, Tensor[] grads_destr, Tensor(b!)[] curvature, Tensor[]? probe, "
+          "float beta, float tau, bool soft) -> (Tensor stats, Tensor hist)")
+compiled_op = _library.define("curvature_mask", SCHEMA, _fake)  # csrc/cpu/, csrc/cuda/curvature_mask.*
+triton_op = _library.define("curvature_mask_triton", SCHEMA, _fake, kernel=_triton_kernel)  # kernels/

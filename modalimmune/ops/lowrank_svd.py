@@ -7,19 +7,21 @@ q = min(k + oversample, n, d):
     Y = A Z;  Y^T Y = W diag(lambda) W^T                       (Rayleigh-Ritz)
     S = sqrt(lambda)[:k],  V = Z W[:, :k],  U = Y W[:, :k] / S
 
-``orth`` is CholeskyQR2 with a shifted first Cholesky. The backends differ only
-in who runs this: ``torch`` (the reference below), ``triton`` (the reference
-with its products and Gram matrices from kernels/lowrank_svd.py), ``cpp`` and
-``cuda`` (the registered op ``modalimmune::lowrank_svd``, csrc/*/lowrank_svd.*).
+where a singular value zero to working precision takes its columns of U and V
+from the sketch instead (orthonormal completions, no division by it). ``orth`` is
+CholeskyQR2 with a shifted first Cholesky. The backends differ only in who runs
+this: ``torch`` (the reference below), ``triton`` (the reference with its
+products and Gram matrices from kernels/lowrank_svd.py: the op
+``modalimmune::lowrank_svd_triton``), ``cpp`` and ``cuda`` (the op
+``modalimmune::lowrank_svd``, csrc/*/lowrank_svd.*).
 """
 
 import torch
 
-from .. import _extension
 from .. import backend as _backends
-from . import _validate
+from .. import checks
+from . import _library
 
-_OP = "modalimmune::lowrank_svd"
 COMPUTE_DTYPES = (torch.float32, torch.float64)
 INPUT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -62,8 +64,23 @@ def sorted_eigh(G):
     return vals, vecs * torch.where(pivot < 0, -1.0, 1.0)
 
 
-def lowrank_svd_reference(A, omega, k, niter, products=_products_torch):
-    """The algorithm on (b, n, d) A and (b, n, q) omega, in A's dtype (float32/float64).
+def complete_basis(Q, resolved, source):
+    """Q (b, m, q) with its columns outside ``resolved`` (b, q; a prefix of each row) replaced by
+    an orthonormal basis of part of the complement of the others (assumed orthonormal): the
+    same columns of ``source`` (b, m, q), projected out of them and orthonormalised, twice
+    (docs/ops/lowrank_svd.md, "Degenerate inputs"). A fully resolved Q comes back bit for bit."""
+    keep = resolved.unsqueeze(-2).to(Q.dtype)
+    Q = Q * keep
+    X = source * (1 - keep)
+    for _ in range(2):
+        X = X - Q @ (Q.mT @ X)
+        X = _cholqr_step(X, X.mT @ X)  # the resolved columns of X stay exactly zero
+    return Q + X
+
+
+def lowrank_svd_reference(A, omega, niter, products=_products_torch):
+    """The algorithm on (b, n, d) A and (b, n, q) omega in A's dtype (float32/float64):
+    all q triplets, as the ops return them.
 
     ``products(A, Z, mode)`` returns (Y, Y^T Y); the ``triton`` backend passes its kernels.
     """
@@ -72,42 +89,17 @@ def lowrank_svd_reference(A, omega, k, niter, products=_products_torch):
         Z = orthonormalize(*products(A, Z, MODE_ATAZ))
     Y, G = products(A, Z, MODE_AZ)
     vals, vecs = sorted_eigh(G)
-    W = vecs[..., :k].to(A.dtype)
-    S = vals[..., :k].clamp_min(0).sqrt().to(A.dtype)
-    info = torch.finfo(A.dtype)  # s_i <= eps s_1 is zero to working precision: its U column is 0
-    inverse = torch.where(S > info.eps * S[..., :1], S.clamp_min(info.tiny).reciprocal(), 0)
-    U = (Y @ W) * inverse.unsqueeze(-2)
-    return U, S, Z @ W
-
-
-def _fake(A, omega, k, niter):
-    b, n, d = A.shape
-    return A.new_empty(b, n, k), A.new_empty(b, k), A.new_empty(b, d, k)
-
-
-_SCHEMA = "(Tensor A, Tensor omega, int k, int niter) -> (Tensor U, Tensor S, Tensor V)"  # as csrc/registration.cpp
-
-
-@torch.library.custom_op("modalimmune::lowrank_svd_triton", mutates_args=(), schema=_SCHEMA)
-def lowrank_svd_triton(A, omega, k, niter):
-    """The Triton backend as a custom op (products fused with their Gram matrix in kernels/lowrank_svd.py)."""
-    from ..kernels import lowrank_svd as kernel
-
-    return tuple(t.contiguous() for t in lowrank_svd_reference(A, omega, k, niter, kernel.products))
-
-
-lowrank_svd_triton.register_fake(_fake)
-
-if _extension.load() is not None and hasattr(torch.ops.modalimmune, "lowrank_svd"):  # absent from a stale build
-    torch.library.register_fake(_OP)(_fake)
-
-
-def _run(impl, A, omega, k, niter):
-    if impl == "torch":
-        return lowrank_svd_reference(A, omega, k, niter)
-    if impl == "triton":
-        return lowrank_svd_triton(A, omega, k, niter)
-    return torch.ops.modalimmune.lowrank_svd(A, omega, k, niter)
+    W = vecs.to(A.dtype)
+    S = vals.clamp_min(0).sqrt().to(A.dtype)
+    # s_i <= eps s_1 is zero to working precision: no division by it; the columns of U and V
+    # of those values complete the bases, from the sketch (its rows repeated for V)
+    info = torch.finfo(A.dtype)
+    resolved = S > info.eps * S[..., :1]
+    inverse = torch.where(resolved, S.clamp_min(info.tiny).reciprocal(), 0)
+    n, d = A.shape[-2:]
+    U = complete_basis((Y @ W) * inverse.unsqueeze(-2), resolved, omega)
+    V = complete_basis(Z @ W, resolved, omega[..., torch.arange(d, device=A.device) % n, :])
+    return U, S, V
 
 
 def _guarded_inverse(x, scale):
@@ -146,58 +138,123 @@ def svd_backward(U, S, V, gU, gS, gV):
     return gA + U @ inner @ V.mT
 
 
-class _LowRankSVD(torch.autograd.Function):
-    @staticmethod
-    def forward(A, omega, k, niter, impl):
-        return _run(impl, A, omega, k, niter)
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*output)
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None: S alone is cheap
+
+
+def _backward(ctx, gU, gS, gV):
+    U, S, V = ctx.saved_tensors
+    return svd_backward(U, S, V, gU, gS, gV), None, None
+
+
+class _ReferenceSVD(torch.autograd.Function):
+    """The ``torch`` backend with the ops' backward (not the derivative of its algorithm)."""
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*output)
-        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: S alone is cheap
+    def forward(A, omega, niter):
+        return lowrank_svd_reference(A, omega, niter)
 
-    @staticmethod
-    def backward(ctx, gU, gS, gV):
-        U, S, V = ctx.saved_tensors
-        return svd_backward(U, S, V, gU, gS, gV), None, None, None, None
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
 
 
-def check_matrices(name, A):
-    """A as a (..., n, d) floating tensor, else TypeError/ValueError naming ``name``."""
+def _fake(A, omega, niter):
+    b, n, d = A.shape
+    q = omega.shape[-1]
+    return A.new_empty(b, n, q), A.new_empty(b, q), A.new_empty(b, d, q)
+
+
+def _triton_kernel(A, omega, niter):
+    from ..kernels import lowrank_svd as kernel
+
+    return tuple(t.contiguous() for t in lowrank_svd_reference(A, omega, niter, kernel.products))
+
+
+# A (b, n, d) and omega (b, n, q), both float32 or both float64, contiguous, q <= min(n, d):
+# all q triplets, U (b, n, q), S (b, q) descending, V (b, d, q); differentiable (svd_backward)
+SCHEMA = "(Tensor A, Tensor omega, int niter) -> (Tensor U, Tensor S, Tensor V)"
+_AUTOGRAD = (_backward, _setup_context)
+compiled_op = _library.define("lowrank_svd", SCHEMA, _fake, autograd=_AUTOGRAD)  # csrc/cpu/, csrc/cuda/
+triton_op = _library.define("lowrank_svd_triton", SCHEMA, _fake, kernel=_triton_kernel, autograd=_AUTOGRAD)
+
+
+def check_matrices(name, A, check_finite=True):
+    """A as a (..., n, d) floating tensor with data (and finite, with ``check_finite``), else
+    TypeError/ValueError naming ``name``."""
     if not isinstance(A, torch.Tensor):
-        raise TypeError(f"{name}: expected a Tensor, got {type(A).__name__}")
+        checks.fail(name, "a Tensor", type(A).__name__, TypeError)
     if A.dtype not in INPUT_DTYPES:
-        raise TypeError(f"{name}: expected float32, float64, bfloat16 or float16, got {A.dtype}")
+        checks.fail(name, "float32, float64, bfloat16 or float16", A.dtype, TypeError)
     if A.dim() < 2:
-        raise ValueError(f"{name}: expected a tensor of shape (..., n, d) with at least 2 dims, got shape {tuple(A.shape)}")
+        checks.fail(name, "a tensor of shape (..., n, d) with at least 2 dims", f"shape {tuple(A.shape)}")
     if A.shape[-1] == 0 or A.shape[-2] == 0:
-        raise ValueError(f"{name}: expected non-empty matrices, got shape {tuple(A.shape)}")
+        checks.fail(name, "non-empty matrices", f"shape {tuple(A.shape)}")
+    if A.device.type == "meta":
+        checks.fail(name, "a tensor with data (the op reads its values)", "a meta tensor")
     # one extra read of A and a host sync; skipped inside torch.compile, where it would break the graph
-    if not torch.compiler.is_compiling() and not _validate.all_finite(A):
-        raise ValueError(f"{name}: expected finite values, found NaN or Inf")
+    if check_finite and not torch.compiler.is_compiling() and not checks.all_finite(A):
+        checks.fail(name, "finite values", "NaN or Inf")
 
 
 def check_rank(name, k, A):
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"{name}: expected an int, got {type(k).__name__}")
+    """k as the number of triplets of A (an int, or a SymInt under torch.compile), 1 <= k <= min(n, d)."""
+    if isinstance(k, bool) or not isinstance(k, (int, torch.SymInt)):
+        checks.fail(name, "an int", type(k).__name__, TypeError)
     limit = min(A.shape[-2], A.shape[-1])
     if not 1 <= k <= limit:
-        raise ValueError(f"{name}: expected 1 <= {name} <= min(n, d) = {limit}, got {k}")
+        checks.fail(name, f"1 <= {name} <= min(n, d) = {limit}", k)
+    return k
 
 
 def _nonnegative_int(name, value):
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+        checks.fail(name, "an int", type(value).__name__, TypeError)
     if value < 0:
-        raise ValueError(f"{name}: expected an int >= 0, got {value}")
+        checks.fail(name, "an int >= 0", value)
     return value
+
+
+def _draw(A, q, generator):
+    """The (n, q) Gaussian draw of the sketch in A's dtype on A's device: with ``generator``
+    on the generator's own device, else from the default generator of A's device."""
+    if generator is None:
+        return torch.randn((A.shape[-2], q), dtype=A.dtype, device=A.device)
+    return torch.randn((A.shape[-2], q), generator=generator, dtype=A.dtype, device=generator.device).to(A.device)
+
+
+# torch.compile cannot put a torch.Generator into a graph: there the draw is the op below, which
+# finds the generator by a handle that _generator_handle gives it while the graph is traced
+_GENERATORS = {}  # handle -> generator; kept alive, so that no other object takes its id
+
+
+@torch.compiler.assume_constant_result
+def _generator_handle(generator):
+    """Run when torch.compile traces a call (the result is a constant of the graph, which
+    guards on the generator object: another generator recompiles)."""
+    _GENERATORS[id(generator)] = generator
+    return id(generator)
+
+
+def _fake_sketch(A, q, generator):
+    return A.new_empty(A.shape[-2], q)
+
+
+def _sketch_kernel(A, q, generator):
+    return _draw(A, q, _GENERATORS[generator])
+
+
+gaussian_sketch_op = _library.define("gaussian_sketch", "(Tensor A, SymInt q, int generator) -> Tensor", _fake_sketch,
+                                     kernel=_sketch_kernel, tags=(torch.Tag.nondeterministic_seeded,))
 
 
 def sketch(A, q, generator):
     """The Gaussian sketch Omega (..., n, q) in A's dtype: one n x q draw with ``generator`` (on its
     own device) shared by every matrix of the batch (docs/ops/lowrank_svd.md, "Sketch")."""
-    device = generator.device if generator is not None else A.device
-    omega = torch.randn((A.shape[-2], q), generator=generator, dtype=A.dtype, device=device).to(A.device)
+    if generator is not None and torch.compiler.is_compiling():
+        omega = gaussian_sketch_op(A, q, _generator_handle(generator))
+    else:
+        omega = _draw(A, q, generator)
     return omega.expand(*A.shape[:-1], q)
 
 
@@ -209,26 +266,38 @@ def lowrank_svd(A, k, *, oversample=8, niter=2, generator=None, backend="auto"):
         k: number of singular triplets, 1 <= k <= min(n, d).
         oversample: extra sketch columns p; q = min(k + p, n, d).
         niter: power iterations (passes A^T (A Z)).
-        generator: torch.Generator of the sketch; the result is a function of A and its state.
+        generator: torch.Generator of the sketch; the result is a function of A and its state
+            (also under torch.compile, which keeps a reference to each generator it meets).
         backend: ``"auto"``, ``"torch"``, ``"cpp"``, ``"cuda"`` or ``"triton"``.
 
     Returns:
         (U (..., n, k), S (..., k) descending, V (..., d, k)) in A's dtype, differentiable.
-        Columns of U belonging to singular values at or below eps * S[..., 0] are zero.
+        U and V have orthonormal columns also where A's rank is below k: the columns of
+        singular values at or below eps * S[..., 0] (zero to working precision) are
+        orthonormal completions drawn from the sketch.
     """
     check_matrices("A", A)
+    return _lowrank_svd(A, k, oversample=oversample, niter=niter, generator=generator, backend=backend)
+
+
+def _lowrank_svd(A, k, *, oversample, niter, generator, backend):
+    """:func:`lowrank_svd` of a batch that :func:`check_matrices` accepted: the callers that
+    checked it under their own name do not read it twice (a host sync each)."""
     check_rank("k", k, A)
     oversample = _nonnegative_int("oversample", oversample)
     niter = _nonnegative_int("niter", niter)
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
-    impl = _backends.resolve(backend, A.device)
+        checks.fail("generator", "a torch.Generator or None", type(generator).__name__, TypeError)
+    impl = _backends.resolve(backend, A.device, "lowrank_svd")
     *batch, n, d = A.shape
     q = min(k + oversample, n, d)
     work = A if A.dtype in COMPUTE_DTYPES else A.float()
-    omega = sketch(work, q, generator)
     flat = work.reshape(-1, n, d).contiguous()
+    omega = sketch(work, q, generator).reshape(-1, n, q).contiguous()
     # all q Ritz triplets: the backward needs them (docs/ops/lowrank_svd.md, "Backward")
-    U, S, V = _LowRankSVD.apply(flat, omega.reshape(-1, n, q).contiguous(), q, niter, impl)
+    if impl == "torch":
+        U, S, V = _ReferenceSVD.apply(flat, omega, niter)
+    else:
+        U, S, V = (triton_op if impl == "triton" else compiled_op)(flat, omega, niter)
     return (U[..., :k].reshape(*batch, n, k).to(A.dtype), S[..., :k].reshape(*batch, k).to(A.dtype),
             V[..., :k].reshape(*batch, d, k).to(A.dtype))

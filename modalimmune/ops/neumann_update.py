@@ -16,9 +16,9 @@ graph); a Python float is accepted too.
 
 import torch
 
-from .. import _extension
 from .. import backend as _backends
-from . import _validate
+from .. import checks
+from . import _library
 
 VECTOR_DTYPES = (torch.float32, torch.float64)
 
@@ -41,15 +41,15 @@ def neumann_update_reference(v, p, w, alpha, damping):
 
 
 def _validate_args(v, p, w, alpha, damping):
-    v = _validate.tensor_list("v", v)
+    v = checks.tensor_list("v", v)
     count = len(v)
-    p = _validate.tensor_list("p", p, count)
-    w = _validate.tensor_list("w", w, count)
-    damping = _validate.finite_float("damping", damping, 0.0)
+    p = checks.tensor_list("p", p, count)
+    w = checks.tensor_list("w", w, count)
+    damping = checks.number("damping", damping, 0.0)
     device = v[0].device if count else torch.device("cpu")
     for i in range(count):
         named = (("v", v[i]), ("p", p[i]), ("w", w[i]))
-        _validate.parameter_tensors(i, named, device)
+        checks.parameter_tensors(i, named, device)
         for name, tensor in named:
             if tensor.dtype not in VECTOR_DTYPES:
                 raise TypeError(f"{name}[{i}]: expected float32 or float64, got {tensor.dtype}")
@@ -57,12 +57,14 @@ def _validate_args(v, p, w, alpha, damping):
                 raise TypeError(f"{name}[{i}]: expected {v[i].dtype} like v[{i}], got {tensor.dtype}")
     if isinstance(alpha, torch.Tensor):
         if alpha.dim() != 0 or not alpha.is_floating_point():
-            raise ValueError(f"alpha: expected a 0-dim floating-point tensor, got shape {tuple(alpha.shape)} {alpha.dtype}")
+            checks.fail("alpha", "a 0-dim floating-point tensor", f"shape {tuple(alpha.shape)} {alpha.dtype}")
         if alpha.device != device:
-            raise ValueError(f"alpha: expected a tensor on {device}, got {alpha.device}")
+            checks.fail("alpha", f"a tensor on {device}", alpha.device)
         alpha = alpha.to(torch.float64)
     else:
-        alpha = torch.tensor(_validate.finite_float("alpha", alpha), dtype=torch.float64, device=device)
+        alpha = torch.tensor(checks.number("alpha", alpha), dtype=torch.float64, device=device)
+    _library.check_writable("v", v, "neumann_update_")
+    _library.check_writable("p", p, "neumann_update_")
     return v, p, w, alpha, damping
 
 
@@ -79,7 +81,9 @@ def neumann_update_(v, p, w, alpha, *, damping=0.0, backend="auto"):
 
     Returns:
         float64[2] on the tensors' device: (||v_new||^2, <v_old, w + damping v_old>).
-        Every argument is checked before any tensor is written.
+        Every argument is checked before any tensor is written. As with an in-place
+        PyTorch op, v and p may not require grad (``RuntimeError``, in grad mode),
+        and their version counters go up.
     """
     v, p, w, alpha, damping = _validate_args(v, p, w, alpha, damping)
     if not v:
@@ -88,27 +92,20 @@ def neumann_update_(v, p, w, alpha, *, damping=0.0, backend="auto"):
     impl = _backends.resolve(backend, v[0].device, "neumann_update")
     if impl == "torch":
         return neumann_update_reference(v, p, w, alpha, damping)
-    if impl == "triton":
-        return neumann_update_triton(v, p, w, alpha, damping)
-    return torch.ops.modalimmune.neumann_update(v, p, w, alpha, damping)
+    return (triton_op if impl == "triton" else compiled_op)(v, p, w, alpha, damping)
 
 
 def _fake(v, p, w, alpha, damping):
-    return torch.empty(2, dtype=torch.float64, device=v[0].device)
+    return torch.empty(2, dtype=torch.float64, device=alpha.device)
 
 
-_SCHEMA = "(Tensor(a!)[] v, Tensor(b!)[] p, Tensor[] w, Tensor alpha, float damping) -> Tensor"  # as csrc/registration.cpp
-
-
-@torch.library.custom_op("modalimmune::neumann_update_triton", mutates_args=("v", "p"), schema=_SCHEMA)
-def neumann_update_triton(v, p, w, alpha, damping):
-    """The Triton backend as a custom op (kernels/neumann_update.py)."""
+def _triton_kernel(v, p, w, alpha, damping):
     from ..kernels import neumann_update as kernel
 
     return kernel.neumann_update(v, p, w, alpha, damping)
 
 
-neumann_update_triton.register_fake(_fake)
-
-
-_extension.register_fake("neumann_update", _fake)
+# alpha: a 0-dim float64 tensor on the tensors' device; returns float64[2] = (||v_new||^2, <v_old, u>)
+SCHEMA = "(Tensor(a!)[] v, Tensor(b!)[] p, Tensor[] w, Tensor alpha, float damping) -> Tensor"
+compiled_op = _library.define("neumann_update", SCHEMA, _fake)  # csrc/cpu/, csrc/cuda/neumann_update.*
+triton_op = _library.define("neumann_update_triton", SCHEMA, _fake, kernel=_triton_kernel)  # kernels/

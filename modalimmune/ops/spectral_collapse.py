@@ -16,7 +16,8 @@ import math
 
 import torch
 
-from .lowrank_svd import check_matrices, lowrank_svd
+from .. import checks
+from .lowrank_svd import _lowrank_svd, check_matrices
 
 DEFAULT_RANK = 16
 
@@ -54,18 +55,20 @@ def project(X, V, w, gamma):
 def _check_strength(strength, batch_shape):
     if isinstance(strength, torch.Tensor):
         if not strength.dtype.is_floating_point:
-            raise TypeError(f"strength: expected a floating tensor, got {strength.dtype}")
-        if torch.isnan(strength).any() or (strength < 0).any() or (strength > 1).any():
-            raise ValueError("strength: expected values in [0, 1] (no NaN)")
+            checks.fail("strength", "a floating tensor", strength.dtype, TypeError)
+        # a host sync; skipped inside torch.compile, where it would break the graph
+        if not torch.compiler.is_compiling() and bool((strength.isnan() | (strength < 0) | (strength > 1)).any()):
+            checks.fail("strength", "values in [0, 1] (no NaN)", "values outside")
         try:
             torch.broadcast_shapes(strength.shape, batch_shape)
         except RuntimeError:
-            raise ValueError(f"strength: shape {tuple(strength.shape)} does not broadcast to the batch shape {tuple(batch_shape)}") from None
+            checks.fail("strength", f"a shape that broadcasts to the batch shape {tuple(batch_shape)}",
+                        f"shape {tuple(strength.shape)}")
         return strength
     if isinstance(strength, bool) or not isinstance(strength, (int, float)):
-        raise TypeError(f"strength: expected a float or a tensor, got {type(strength).__name__}")
+        checks.fail("strength", "a float or a tensor", type(strength).__name__, TypeError)
     if math.isnan(strength) or not 0 <= strength <= 1:
-        raise ValueError(f"strength: expected a value in [0, 1], got {strength}")
+        checks.fail("strength", "a value in [0, 1]", strength)
     return float(strength)
 
 
@@ -88,7 +91,7 @@ def spectral_collapse(X, strength, *, k=None, oversample=8, niter=2, generator=N
     with torch.no_grad():
         work = X.detach().float() if X.dtype in (torch.bfloat16, torch.float16) else X.detach()
         Xc = work - work.mean(-2, keepdim=True)
-        _, S, V = lowrank_svd(Xc, k, oversample=oversample, niter=niter, generator=generator, backend=backend)
+        _, S, V = _lowrank_svd(Xc, k, oversample=oversample, niter=niter, generator=generator, backend=backend)
         s = torch.as_tensor(strength, dtype=S.dtype, device=S.device).expand(batch)
         w, gamma = collapse_weights(S, Xc.square().sum((-2, -1)), s)
     dtype = X.dtype
