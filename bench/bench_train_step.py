@@ -23,9 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 from modalimmune.data.sources import load_dataset  # noqa: E402
+from modalimmune.methods import StepContext  # noqa: E402
+from modalimmune.methods.modalimmune import Views  # noqa: E402
 from modalimmune.models import build_model  # noqa: E402
 from modalimmune.train import Trainer  # noqa: E402
-from modalimmune.train.methods import StepContext  # noqa: E402
 
 VARIANTS = [("erm", "erm"), ("modalimmune (no hypergradient)", "modalimmune[hypergrad=off]"),
             ("  joint_targets=false", "modalimmune[hypergrad=off,joint_targets=false]"),
@@ -49,8 +50,8 @@ def step_fn(trainer, batch, step, period=1):
         for _ in range(period):
             trainer.optimizer.zero_grad(set_to_none=True)
             ctx = StepContext(trainer.params, 1.0, step[0], 0, 1)
-            trainer.method.training_step(trainer.model, batch, ctx)
-            trainer._apply_step()
+            logs = trainer.method.training_step(trainer.model, batch, ctx)
+            trainer._apply_step([logs["loss"]])
             step[0] += 1
     return run
 
@@ -83,33 +84,32 @@ def main():
     trainer = make_trainer(data, "modalimmune", args)
     method = trainer.method
     # per-step times are block means: a median over single steps would drop the periodic parts
-    period = math.lcm(method.ig_every, method.masker.probe_every)
+    options = method.options
+    period = math.lcm(options.ig_every, options.probe_every)
     steps = {label: step_fn(make_trainer(data, spec, args), batch, [1], period) for label, spec in VARIANTS}
     times = {label: t / period for label, t in interleaved_medians(steps, args.device, repeats, warmup=1).items()}
     step_fn(trainer, batch, [1])()  # one step so that the hypergradient starts from a trained-ish state
 
     def hyper():
-        embeddings = trainer.model.encode(batch)
-        present = trainer.model.all_present(batch)
-        targets = method.draw_targets(len(batch))
-        perturbed, p_present, p_masks = method.intervene(embeddings, present, batch.masks, targets)
-        _, cert = method.hyper_step(trainer.model, batch, embeddings, perturbed, present, p_present, p_masks, 0.0)
+        clean = Views(trainer.model.encode(batch), trainer.model.all_present(batch), batch.masks)
+        perturbed = method.intervene(clean, method.draw_targets(len(batch)))
+        _, cert = method.tuner.step(trainer.model, clean.gathered(), perturbed.gathered(), batch.labels)
         hyper.iterations.append(cert.iterations)
     hyper.iterations = []
     hyper_time = _common.median_time(hyper, args.device, repeats=3 if args.quick else 8, warmup=1)
     erm = times["erm"]
-    full = times["modalimmune (no hypergradient)"] + hyper_time / method.hyper_every
+    full = times["modalimmune (no hypergradient)"] + hyper_time / options.hyper_every
     rows = [[label, f"{t * 1e3:.2f}", f"{t / erm:.2f}x"] for label, t in times.items()]
     rows.append([f"hypergradient (one solve, {sorted(hyper.iterations)[len(hyper.iterations) // 2]} Neumann "
                  f"iterations, median)", f"{hyper_time * 1e3:.2f}", f"{hyper_time / erm:.2f}x"])
-    rows.append([f"**modalimmune, hypergradient amortised over T_h = {method.hyper_every}**",
+    rows.append([f"**modalimmune, hypergradient amortised over T_h = {options.hyper_every}**",
                  f"{full * 1e3:.2f}", f"**{full / erm:.2f}x**"])
     table = _common.markdown_table(["step", "ms", "over ERM"], rows)
     print(table)
     notes = (f"{args.dataset}, model `{args.model}` ({sum(p.numel() for p in trainer.params):,} parameters), "
              f"batch {args.batch_size}, {len(data.modalities)} modalities. Goal: ModalImmune step <= 1.6x ERM. "
              f"Each time is the median over {repeats} blocks of {period} steps (the controller measures every "
-             f"{method.ig_every}, the masker probes every {method.masker.probe_every}) divided by {period}.\n\n"
+             f"{options.ig_every}, the masker probes every {options.probe_every}) divided by {period}.\n\n"
              "Where the time goes (read off the rows): the masked step needs two backward passes (g_c and g_d "
              "separately) where ERM has one; the controller's stacked fusion pass and the effective rank (an "
              "SVD-based op over 16 values; the spectral collapse runs only for strengths below 1, which the "
@@ -119,7 +119,7 @@ def main():
              "every step of the design requires, whatever the periodic parts' schedule. On this CPU the "
              "machine's load changes from minute to minute: the variants are timed in interleaved rounds so "
              "that the ratios stay comparable.")
-    out = args.out or _common.RESULTS / f"train_step_{args.device}{'_quick' if args.quick else ''}.md"
+    out = args.out or _common.RESULTS / "kernels" / f"train_step_{args.device}{'_quick' if args.quick else ''}.md"
     _common.write_report(out, "ModalImmune training step over ERM", args.device, table, notes)
 
 

@@ -6,17 +6,12 @@ from .backend import backends
 
 _extension.load()  # warns once here when the compiled extension is unusable
 
-from . import ops  # noqa: E402
-from . import hypergrad  # noqa: E402
-from .method.masker import CurvatureMasker  # noqa: E402
-from . import data  # noqa: E402
-from . import models  # noqa: E402
-from .train import Trainer  # noqa: E402
-from .train import TrainConfig  # noqa: E402
-from .eval import evaluate  # noqa: E402
-from .eval import compare  # noqa: E402
-from .method.controller import InfoGainController  # noqa: E402
-from .method.immune import ModalImmune  # noqa: E402  (registers method="modalimmune")
+from . import data, encoders, hypergrad, methods, models, ops  # methods: registers every method
+from .comparison import compare
+from .eval import evaluate
+from .methods import CurvatureMasker, InfoGainController, ModalImmune
+from .train import TrainConfig, Trainer
 
 __version__ = "0.1.0"
-__all__ = ["backends", "ops", "CurvatureMasker", "__version__"]
+__all__ = ["backends", "ops", "hypergrad", "data", "encoders", "models", "methods", "CurvatureMasker",
+           "InfoGainController", "ModalImmune", "Trainer", "TrainConfig", "evaluate", "compare", "__version__"]

@@ -8,9 +8,10 @@ import sys
 
 import torch
 
-from . import _extension
+from . import _extension, distributed
 from .backend import BACKENDS, unavailable_reason
-from .train.trainer import NonFiniteError
+from .checks import fail, integer
+from .train.trainer import PREEMPTED_EXIT_CODE, NonFiniteError, Preempted
 
 
 def info_lines():
@@ -48,7 +49,9 @@ def _info(args):
 
 
 def _add_training_options(parser):
-    parser.add_argument("--dataset", required=True, help="mfeat, avdigits, or PATH.npz (one array per modality and y)")
+    parser.add_argument("--dataset", required=True,
+                        help="a packaged dataset (mfeat, avdigits, hapt, reviews, reviews_rating) "
+                             "or PATH.npz (one array per modality and y)")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--model", default="mlp", help="ready model: mlp or transformer")
@@ -77,49 +80,59 @@ def _training_config(args):
 
 
 def _set_threads(args):
-    import torch
-
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads: expected an int >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(integer("--threads", args.threads, 1))
     elif getattr(args, "device", "auto") in ("auto", "cpu") and not torch.cuda.is_available():
         torch.set_num_threads(1)
 
 
 def _train(args):
     from .data import load_dataset
+    from .methods import build_method
     from .models import build_model
-    from .train import TrainConfig, Trainer, distributed, seed_everything
+    from .train import TrainConfig, Trainer, seed_everything
 
     _set_threads(args)
     config = TrainConfig(method=args.method, seed=args.seed, checkpoint_every=args.checkpoint_every,
                          max_nonfinite_steps=args.max_nonfinite_steps, **_training_config(args))
+    build_method(config.method)  # a bad spec fails before the data is read (the Trainer checks it against the data)
     dataset = load_dataset(args.dataset, split_seed=config.split_seed)
     wants_cuda = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
-    distributed.init_from_env("cuda" if wants_cuda else "cpu")  # under torchrun: join its process group
-    try:
+    with distributed.process_group("cuda" if wants_cuda else "cpu"):  # under torchrun: join its process group
         seed_everything(config.seed)
         model = build_model(config.model, dataset.spec, dataset.num_classes, **config.model_options)
-        summary = Trainer(model, dataset, config, out_dir=args.out).fit(resume=args.resume)
+        summary = Trainer(model, dataset, config, out_dir=args.out, overwrite=args.overwrite).fit(resume=args.resume)
         if distributed.is_main():
             print(json.dumps({**summary, "world_size": distributed.world_size()}))
-    finally:
-        distributed.shutdown()
     return 0
+
+
+def _trained_on(saved, path):
+    """Where the dataset of ``model.pt`` (``saved``, read from ``path``) is: the source it records."""
+    from .data import DATASETS
+
+    name = saved.get("dataset")
+    source = saved.get("dataset_source") or (name if name in DATASETS else None)
+    if source is None:
+        fail("--dataset", f"the dataset {path} was trained on", "none given, and the checkpoint records only its "
+             f"name {name!r} (trained on arrays in memory, or written before model.pt recorded the dataset's path)")
+    if source not in DATASETS and not os.path.isfile(source):
+        raise FileNotFoundError(f"--dataset: {path} was trained on {source}, which is no longer there (moved or "
+                                "deleted?); give its new path with --dataset")
+    return source
 
 
 def _eval(args):
     from .data import load_dataset
     from .eval import evaluate
     from .eval.report import write_json
-    from .train import load_model
     from .train import checkpoint as ckpt
+    from .train import load_model
 
     _set_threads(args)
     saved = ckpt.load(args.checkpoint, ("config",))
     split_seed = saved["config"].get("split_seed", 0) if args.split_seed is None else args.split_seed
-    dataset = load_dataset(args.dataset or saved.get("dataset", ""), split_seed=split_seed)
+    dataset = load_dataset(args.dataset or _trained_on(saved, args.checkpoint), split_seed=split_seed)
     model, _ = load_model(args.checkpoint, dataset)
     result = evaluate(model, dataset, args.split, seed=args.seed)
     os.makedirs(args.out, exist_ok=True)
@@ -130,9 +143,10 @@ def _eval(args):
 
 
 def _compare(args):
-    from .eval import compare
-    from .train.methods import METHODS, split_methods
+    from .comparison import compare
+    from .methods import METHODS, split_methods
 
+    distributed.require_one_process("compare")
     _set_threads(args)
     methods = split_methods(args.methods) if args.methods else sorted(METHODS)
     compare(args.dataset, methods, args.seeds, args.out, save_models=args.save_models, **_training_config(args))
@@ -151,13 +165,16 @@ def build_parser():
     train.add_argument("--checkpoint-every", type=int, default=0,
                        help="optimizer steps between checkpoints (0: at the end of each epoch)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run OUT holds (without it, or --resume, such a folder is refused)")
     train.add_argument("--max-nonfinite-steps", type=int, default=10,
                        help="stop after this many non-finite steps in a row (each is skipped; 0: never stop)")
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser("eval", help="the evaluation protocol on a trained model.pt")
     evaluate.add_argument("--checkpoint", required=True, help="a model.pt written by train")
-    evaluate.add_argument("--dataset", default=None, help="default: the dataset the model was trained on")
+    evaluate.add_argument("--dataset", default=None,
+                          help="default: the dataset model.pt records (a packaged name or the .npz's absolute path)")
     evaluate.add_argument("--out", required=True)
     evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the random drop and noise patterns")
@@ -165,7 +182,8 @@ def build_parser():
     evaluate.add_argument("--threads", type=int, default=None)
     evaluate.set_defaults(run=_eval)
 
-    comp = commands.add_parser("compare", help="train and evaluate several methods over seeds; write a report")
+    comp = commands.add_parser("compare", help="train and evaluate several methods over seeds; write a report "
+                                               "(one process: not under torchrun)")
     _add_training_options(comp)
     comp.add_argument("--methods", default=None, help="comma-separated method specs (default: every method)")
     comp.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
@@ -179,8 +197,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError, NonFiniteError) as error:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NonFiniteError) as error:
         parser.exit(2, f"modalimmune {args.command}: error: {error}\n")
+    except Preempted as stop:  # SIGTERM: the checkpoint is written; the same command with --resume continues
+        parser.exit(PREEMPTED_EXIT_CODE, f"modalimmune {args.command}: {stop}\n")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,17 @@
 """``compare``: every method trained for every seed on one dataset, evaluated
-with the same protocol, aggregated into a report."""
+with the same protocol, aggregated into a report. It sits above ``train`` and
+``eval`` (which do not import each other)."""
 
 import os
 
-from ..data import MultimodalDataset, load_dataset
-from ..models import build_model
-from ..train import TrainConfig, Trainer, seed_everything
-from ..train.methods import build_method, parse_method
-from .metrics import effective_robustness
-from .protocol import evaluate
-from .report import build_report, write_json, write_report
+from . import distributed
+from .data import MultimodalDataset, load_dataset
+from .eval.metrics import effective_robustness
+from .eval.protocol import evaluate
+from .eval.report import build_report, write_json, write_report
+from .methods import build_method, parse_method
+from .models import build_model
+from .train import TrainConfig, Trainer, seed_everything
 
 REFERENCE_METHOD = "erm"
 
@@ -19,15 +21,18 @@ def compare(dataset, methods, seeds, out_dir, *, save_models=False, log=print, *
     (a count or a list) and writes ``out_dir/report.{json,md}``, the plots and,
     per run, ``runs/METHOD/seedS/{metrics.jsonl,eval.json}`` (and ``model.pt``
     with ``save_models``). ``config``: TrainConfig
-    fields other than method and seed. Returns the report dict."""
+    fields other than method and seed. Returns the report dict. Every argument and method
+    spec is checked before any training or write. One process: under torchrun every rank
+    would train every run and write the same files (refused)."""
+    distributed.require_one_process("compare")
     if isinstance(dataset, (str, os.PathLike)):
         dataset = load_dataset(dataset, split_seed=config.get("split_seed", 0))
     if not isinstance(dataset, MultimodalDataset):
         raise TypeError(f"dataset: expected a name, a path or a MultimodalDataset, got {type(dataset).__name__}")
     if not methods or len(set(methods)) != len(methods):
         raise ValueError(f"methods: expected distinct method specs, got {methods!r}")
-    for spec in methods:
-        build_method(spec)  # unknown names and options fail before any training
+    for spec in methods:  # unknown names, bad options and options the data cannot serve fail before any training
+        build_method(spec).check(dataset.modalities)
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if not seeds:
         raise ValueError("seeds: expected at least one seed")
@@ -40,7 +45,8 @@ def compare(dataset, methods, seeds, out_dir, *, save_models=False, log=print, *
             train_config = TrainConfig(**{**config, "method": spec, "seed": seed})
             seed_everything(seed)
             model = build_model(train_config.model, dataset.spec, dataset.num_classes, **train_config.model_options)
-            summary = Trainer(model, dataset, train_config, out_dir=run_dir, checkpoints=save_models).fit()
+            summary = Trainer(model, dataset, train_config, out_dir=run_dir, checkpoints=save_models,
+                              overwrite=True).fit()
             result = evaluate(model, dataset, "test", seed=seed)
             result["training"] = summary
             runs[spec].append(result)
@@ -51,8 +57,13 @@ def compare(dataset, methods, seeds, out_dir, *, save_models=False, log=print, *
     for spec in methods:
         for k, (seed, result) in enumerate(zip(seeds, runs[spec])):
             if reference is not None:
+                against = runs[reference][k]
                 result["effective_robustness"] = effective_robustness(
-                    result["drop_rate_curve"]["accuracy"], runs[reference][k]["drop_rate_curve"]["accuracy"])
+                    result["drop_rate_curve"]["accuracy"], against["drop_rate_curve"]["accuracy"])
+                for name, curves in result["corruption"].items():
+                    for family, curve in curves.items():
+                        curve["effective_robustness"] = effective_robustness(
+                            curve["accuracy"], against["corruption"][name][family]["accuracy"])
             write_json(os.path.join(out_dir, "runs", spec, f"seed{seed}", "eval.json"), result)
     report = build_report(dataset.name, dataset.modalities, seeds, runs)
     paths = write_report(out_dir, report, runs)

@@ -11,10 +11,14 @@ values that are identical on every rank: reduce them with these helpers
 before deciding.
 """
 
+import contextlib
+import importlib
 import os
 
 import torch
 import torch.distributed as dist
+
+from .checks import fail
 
 
 def is_distributed():
@@ -39,6 +43,14 @@ def launched_by_torchrun():
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
 
 
+def require_one_process(name):
+    """Refuses work that is not data-parallel (``name``, e.g. ``compare``) when torchrun started several
+    processes: each of them would do all of it and write the same files."""
+    if launched_by_torchrun():
+        fail(name, "one process (it is not data-parallel: every rank would do all of it and write the same files)",
+             f"WORLD_SIZE={os.environ['WORLD_SIZE']} from torchrun; run it without torchrun")
+
+
 def init_from_env(device_type="cpu"):
     """Joins the process group torchrun describes (gloo on the CPU, nccl on CUDA);
     returns the device this rank trains on. Without torchrun's variables: nothing,
@@ -51,14 +63,37 @@ def init_from_env(device_type="cpu"):
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     if not dist.is_initialized():
+        # torch.distributed.nn.functional binds group.WORLD as its functions' default argument when it is
+        # imported, and the first torch.optim optimizer imports it (through torch._dynamo). Imported after
+        # init_process_group, it would hold the group for ever: destroy_process_group could not free the
+        # backend, and at exit a surviving gloo thread can abort the process (docs/distributed.md, "Shutdown").
+        # Imported now, its defaults are None: the world group, looked up at each call.
+        importlib.import_module("torch.distributed.nn.functional")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 **({"device_id": device} if device.type == "cuda" else {}))
     return device
 
 
-def shutdown():
+def shutdown(wait=True):
+    """Leaves the process group. ``wait``: first a barrier, so that no rank exits while another (rank 0
+    writing ``model.pt``) is still at work; pass False after an error, when another rank may never get there."""
     if dist.is_available() and dist.is_initialized():
+        if wait:
+            barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device_type="cpu"):
+    """:func:`init_from_env` for the block (it yields the device), then :func:`shutdown`: after every rank
+    finished the block, or at once when it raised."""
+    device = init_from_env(device_type)
+    try:
+        yield device
+    except BaseException:
+        shutdown(wait=False)
+        raise
+    shutdown()
 
 
 def barrier():

@@ -2,13 +2,14 @@
 error that names the argument, and leave every tensor, file and state untouched."""
 
 import copy
-import io
 import os
 import pickle
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
+from test_data import _write_bad_npz, single_thread, tiny_arrays, tiny_dataset  # noqa: F401 (autouse fixture)
 
 from modalimmune import ops
 from modalimmune.cli import main
@@ -17,7 +18,6 @@ from modalimmune.data.dataset import Batch
 from modalimmune.eval import evaluate
 from modalimmune.models import build_model
 from modalimmune.train import TrainConfig, Trainer, checkpoint
-from test_data import single_thread, tiny_arrays, tiny_dataset  # noqa: F401 (autouse fixture)
 
 NAN = float("nan")
 
@@ -65,6 +65,10 @@ def world(tmp_path_factory):
     (folder / "truncated.pt").write_bytes(raw[: len(raw) // 2])
     (folder / "flipped.pt").write_bytes(raw[:-10] + bytes(b ^ 1 for b in raw[-10:]))
     (folder / "folder.pt").mkdir()
+    for kind in ("empty", "text", "scalar", "string-labels", "objects", "two-samples"):
+        _write_bad_npz(folder, kind)
+    moved = checkpoint.load(str(folder / "run" / "model.pt"))
+    checkpoint.save(str(folder / "moved.pt"), {**moved, "dataset_source": str(folder / "moved_away.npz")})
     return {"data": data, "model": model, "folder": folder, "modalities": modalities, "y": y}
 
 
@@ -103,6 +107,17 @@ def _dataset_with_extra(world):
 
 def _cli(world, *argv):
     return main, ([a.format(f=world["folder"]) for a in argv],), {}
+
+
+def _cli_under_torchrun(world, *argv):
+    def launched_by_torchrun(argv):
+        with mock.patch.dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0"):
+            main(argv)
+    return launched_by_torchrun, _cli(world, *argv)[1], {}
+
+
+def _two_samples(**kwargs):
+    return MultimodalDataset, ({"a": torch.tensor([[0.0, 1.0], [1.0, 0.0]])}, torch.tensor([0, 1])), kwargs
 
 
 # (id, builder(world) -> (fn, args, kwargs), exception type(s), regex the message must match)
@@ -167,7 +182,7 @@ CASES = [
     ("config/options", lambda w: (TrainConfig, (), {"model_options": [1]}), ValueError, r"config\.model_options"),
     ("config/unknown", lambda w: (TrainConfig.from_dict, ({"epochs": 1, "epoch": 2},), {}), ValueError, r"epoch\b"),
     # -- the trainer
-    ("trainer/method", lambda w: _trainer(w, method="sgd"), ValueError, r"method: unknown 'sgd'"),
+    ("trainer/method", lambda w: _trainer(w, method="sgd"), ValueError, r"method: expected one of .*got 'sgd'"),
     ("trainer/method-option", lambda w: _trainer(w, method="moddrop[q=1]"), ValueError, r"method: moddrop has no"),
     ("trainer/method-value", lambda w: _trainer(w, method="moddrop[p=1.5]"), ValueError, r"option p"),
     ("trainer/device", lambda w: _trainer(w, device="tpu:7"), ValueError, r"config\.device"),
@@ -180,8 +195,8 @@ CASES = [
     ("trainer/resume-corrupt", lambda w: (Trainer(w["model"], w["data"], progress=False, epochs=1).fit,
                                           (str(w["folder"] / "flipped.pt"),), {}), ValueError, r"checksum mismatch"),
     # -- data: missing / extra keys, counts, NaN, single class, labels
-    ("data/nan", lambda w: _dataset(w, m=lambda m: _with(m, "a", torch.as_tensor(m["a"]).index_fill(0, torch.tensor([3]),
-                                                                                                     NAN))),
+    ("data/nan", lambda w: _dataset(w, m=lambda m: _with(m, "a", torch.as_tensor(m["a"]).index_fill(
+        0, torch.tensor([3]), NAN))),
      ValueError, r"modalities\['a'\]"),
     ("data/inf", lambda w: _dataset(w, m=lambda m: _with(m, "b", torch.as_tensor(m["b"]) / 0)), ValueError,
      r"modalities\['b'\]"),
@@ -201,6 +216,16 @@ CASES = [
     ("data/unknown-name", lambda w: (load_dataset, ("imagenet",), {}), (ValueError, FileNotFoundError), r"dataset"),
     ("data/batch-size", lambda w: (lambda: next(w["data"].batches("train", 0)), (), {}), ValueError, r"batch_size"),
     ("data/split", lambda w: (w["data"].indices, ("dev",), {}), ValueError, r"split"),
+    ("data/0d", lambda w: _dataset(w, m=lambda m: _with(m, "a", torch.tensor(3.0))), ValueError,
+     r"modalities\['a'\]: expected samples first"),
+    ("data/string-labels", lambda w: (MultimodalDataset, ({"a": torch.zeros(4, 2)}, np.array(list("abab"))), {}),
+     TypeError, r"labels: expected N integer class labels"),
+    ("data/empty-val-test", lambda w: _two_samples(), ValueError, r"splits: expected at least one sample in each"),
+    ("data/splits-keys", lambda w: _two_samples(splits={"train": [0, 1]}), ValueError, r"splits: expected the keys"),
+    ("data/splits-range", lambda w: _two_samples(splits={"train": [0, 1], "val": [2], "test": [1]}), ValueError,
+     r"splits\['val'\]"),
+    ("data/splits-empty", lambda w: _two_samples(splits={"train": [0, 1], "val": [], "test": [1]}), ValueError,
+     r"splits\['val'\]"),
     # -- models: missing / extra modality keys, empty batches, labels out of range
     ("model/missing-key", lambda w: (w["model"].encode, (_without(w["data"].batch(torch.arange(4)), "a"),), {}),
      (ValueError, KeyError, TypeError), r"\ba\b"),
@@ -255,6 +280,24 @@ CASES = [
      r"no such file"),
     ("cli/compare-seeds", lambda w: _cli(w, "compare", "--dataset", "{f}/tiny.npz", "--seeds", "0", "--out", "{f}/o"),
      SystemExit, r"seeds"),
+    ("cli/empty-npz", lambda w: _cli(w, "train", "--dataset", "{f}/empty.npz", "--out", "{f}/o"), SystemExit,
+     r"dataset: cannot read .*empty\.npz: the file is empty"),
+    ("cli/text-npz", lambda w: _cli(w, "train", "--dataset", "{f}/text.npz", "--out", "{f}/o"), SystemExit,
+     r"dataset: cannot read .*text\.npz: it is not an \.npz archive"),
+    ("cli/0d-array", lambda w: _cli(w, "train", "--dataset", "{f}/scalar.npz", "--out", "{f}/o"), SystemExit,
+     r"modalities\['a'\]: expected samples first"),
+    ("cli/string-labels", lambda w: _cli(w, "train", "--dataset", "{f}/string-labels.npz", "--out", "{f}/o"),
+     SystemExit, r"\by: expected N integer class labels"),
+    ("cli/object-array", lambda w: _cli(w, "train", "--dataset", "{f}/objects.npz", "--out", "{f}/o"), SystemExit,
+     r"array 'a' of .*objects\.npz"),
+    ("cli/empty-val-test", lambda w: _cli(w, "train", "--dataset", "{f}/two-samples.npz", "--out", "{f}/o"),
+     SystemExit, r"splits: expected at least one sample in each"),
+    ("cli/eval-moved-dataset", lambda w: _cli(w, "eval", "--checkpoint", "{f}/moved.pt", "--out", "{f}/o"),
+     SystemExit, r"--dataset: .*moved_away\.npz, which is no longer there"),
+    ("cli/eval-unrecorded-dataset", lambda w: _cli(w, "eval", "--checkpoint", "{f}/run/model.pt", "--out", "{f}/o"),
+     SystemExit, r"--dataset: expected the dataset"),
+    ("cli/compare-torchrun", lambda w: _cli_under_torchrun(w, "compare", "--dataset", "{f}/tiny.npz", "--out",
+                                                           "{f}/o"), SystemExit, r"compare: expected one process"),
 ]
 
 
@@ -282,9 +325,8 @@ def _files(folder):
 def _same(a, b):
     if a.device.type == "meta":
         return a.shape == b.shape
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(torch.uint8) if a.dtype != torch.bool
-                                                                     else a, b.view(torch.uint8) if b.dtype != torch.bool
-                                                                     else b)
+    raw = lambda t: t if t.dtype == torch.bool else t.view(torch.uint8)  # noqa: E731
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(raw(a), raw(b))
 
 
 @pytest.mark.parametrize("name, build, errors, message", [pytest.param(*c, id=c[0]) for c in CASES])

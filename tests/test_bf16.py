@@ -3,11 +3,11 @@ reaches the accuracy of fp32 training within one point, for every method."""
 
 import pytest
 import torch
+from test_data import single_thread  # noqa: F401 (autouse fixture)
 
 from modalimmune.data import load_dataset
 from modalimmune.models import build_model
 from modalimmune.train import Trainer
-from test_data import single_thread  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")

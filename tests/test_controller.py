@@ -8,8 +8,13 @@ import scipy.stats
 import torch
 from torch import nn
 
-from modalimmune.method.controller import (InfoGainController, coalition_values, information_gain,
-                                           shapley_from_values, shapley_values)
+from modalimmune.methods.modalimmune.controller import (
+    InfoGainController,
+    coalition_values,
+    information_gain,
+    shapley_from_values,
+    shapley_values,
+)
 
 
 class ToyModel(nn.Module):

@@ -1,6 +1,7 @@
 """Data-parallel training (docs/distributed.md): 2 gloo ranks with half the batch each
 train to the parameters of 1 process with the whole batch; torchrun runs the CLI."""
 
+import glob
 import json
 import os
 import socket
@@ -10,9 +11,9 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-from modalimmune.train import distributed
 from test_data import single_thread, tiny_arrays, tiny_dataset  # noqa: F401 (autouse fixture)
+
+from modalimmune import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -39,11 +40,15 @@ def train(method, out_dir, steps):
     return trainer
 
 
-def _worker(rank, world, port, method, out_dir, steps, result):
+def _join(rank, world, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     distributed.init_from_env("cpu")
+
+
+def _worker(rank, world, port, method, out_dir, steps, result):
+    _join(rank, world, port)
     try:
         trainer = train(method, out_dir, steps)
         params = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -75,6 +80,55 @@ def test_two_ranks_with_half_batches_equal_one_process(method, tmp_path):
     for a, b in zip(read(tmp_path / "one"), read(tmp_path / "two"), strict=True):
         assert a.keys() == b.keys() and a["step"] == b["step"]
         assert a.get("loss", 0) == pytest.approx(b.get("loss", 0), rel=1e-5)
+
+
+def thread_names():
+    names = []
+    for path in glob.glob("/proc/self/task/*/comm"):
+        try:
+            with open(path) as comm:
+                names.append(comm.read().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return names
+
+
+def _threads_after_shutdown(rank, world, port, out_dir, result):
+    _join(rank, world, port)
+    try:
+        train("erm", out_dir, 2)  # its optimizer imports torch._dynamo after init_process_group
+    finally:
+        distributed.shutdown()
+    with open(f"{result}.{rank}", "w") as f:
+        json.dump(thread_names(), f)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread names from /proc")
+def test_shutdown_leaves_no_gloo_thread(tmp_path):
+    """A process group still referenced at shutdown keeps gloo's threads alive, and at interpreter exit one
+    of them can abort the process (`terminate called without an active exception`, exit code 1)."""
+    result = str(tmp_path / "threads")
+    mp.start_processes(_threads_after_shutdown, args=(2, free_port(), str(tmp_path / "run"), result), nprocs=2,
+                       start_method="spawn", join=True)
+    for rank in range(2):
+        with open(f"{result}.{rank}") as f:
+            names = json.load(f)
+        assert names and not [n for n in names if "gloo" in n], f"rank {rank}: threads after shutdown: {names}"
+
+
+def test_shutdown_waits_for_every_rank_unless_leaving_after_an_error(monkeypatch):
+    calls = []
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: calls.append("destroy"))
+    distributed.shutdown()
+    assert calls == ["barrier", "destroy"]  # rank 0 has written model.pt before any rank leaves
+    calls.clear()
+    with pytest.raises(KeyError):
+        with distributed.process_group("cpu"):
+            raise KeyError("a rank failed")  # the other ranks may never reach a barrier
+    assert calls == ["destroy"]
 
 
 def test_helpers_are_no_ops_in_one_process():

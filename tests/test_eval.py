@@ -6,13 +6,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_data import single_thread, tiny_dataset  # noqa: F401 (autouse fixture)
 
 from modalimmune import evaluate
 from modalimmune.data import MultimodalDataset
 from modalimmune.eval import metrics, plots
 from modalimmune.eval.report import build_report, markdown, write_report
 from modalimmune.models import ModalImmuneModel
-from test_data import single_thread, tiny_dataset  # noqa: F401 (autouse fixture)
 
 
 class Oracle(ModalImmuneModel):
@@ -127,16 +127,20 @@ def test_report_layout_and_files(oracle_data, tmp_path):
     report = build_report("toy", oracle_data.modalities, [0, 1], runs)
     assert set(report) == {"dataset", "modalities", "seeds", "methods"}
     entry = report["methods"]["erm"]
-    assert set(entry) == {"clean_accuracy", "subset_accuracy", "mean_missing_accuracy", "worst_missing_accuracy",
-                          "drop_rate_curve", "drop_rate_auc", "relative_robustness", "effective_robustness"}
+    assert set(entry) == {"clean_accuracy", "clean_balanced_accuracy", "subset_accuracy", "mean_missing_accuracy",
+                          "worst_missing_accuracy", "drop_rate_curve", "drop_rate_auc", "relative_robustness",
+                          "effective_robustness", "corruption"}
+    assert set(entry["corruption"]) == set(oracle_data.modalities)
+    assert all(len(curve["accuracy"]) == len(curve["levels"]) == 10
+               for curves in entry["corruption"].values() for curve in curves.values())
     assert entry["clean_accuracy"] == {"mean": 1.0, "std": 0.0}
     assert set(entry["drop_rate_curve"]) == {"rates", "accuracy"}
     assert all(set(f) == {"mean", "std"} for f in entry["drop_rate_curve"]["accuracy"])
     paths = write_report(str(tmp_path), report, runs)
     assert json.loads(open(paths["json"]).read()) == report
     text = markdown(report, runs)
-    assert "| erm | 100.0 ± 0.0 |" in text and "| a+b |" in text
-    for key in ("drop_rate_plot", "subset_plot"):
+    assert "| erm | 100.0 ± 0.0 |" in text and "| a+b |" in text and "## Accuracy with one modality corrupted" in text
+    for key in ("drop_rate_plot", "subset_plot", "corruption_plot"):
         assert open(paths[key], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
@@ -160,3 +164,34 @@ def test_ig_plot_from_the_runs_metrics(oracle_data, tmp_path):
     assert open(paths["ig_plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     del runs["modalimmune"], report["methods"]["modalimmune"]
     assert "ig_plot" not in write_report(str(tmp_path / "erm_only"), report, runs)  # no run logs IG: no plot
+
+
+def test_natural_missingness_skips_the_patterns_a_sample_cannot_have():
+    """'a' is absent in the data for every fourth sample: the oracle is right on every sample that has
+    it, and on the others only when the class is 0."""
+    y = torch.arange(80) % 2
+    present = torch.ones(80, 3, dtype=torch.bool)
+    present[::4, 0] = False
+    data = MultimodalDataset({"a": torch.eye(2)[y], "b": torch.randn(80, 3), "c": torch.randn(80, 1)}, y,
+                             present=present.numpy(), standardize=False)
+    result = evaluate(Oracle(), data)
+    test = data.indices("test")
+    has_a, labels = present[test, 0], y[test]
+    assert (~has_a).any() and has_a.any()
+    assert result["subset_accuracy"]["a"] == 1.0  # only the samples that have 'a' count for a pattern keeping it
+    assert result["subset_accuracy"]["a+b+c"] == 1.0
+    expected_clean = (has_a | (labels == 0)).float().mean().item()
+    assert result["clean_accuracy"] == pytest.approx(expected_clean)
+    lacking = result["natural_pattern_accuracy"]["b+c"]
+    assert lacking["count"] == int((~has_a).sum())
+    assert lacking["accuracy"] == pytest.approx((labels[~has_a] == 0).float().mean().item())
+    assert result["natural_pattern_accuracy"]["a+b+c"] == {"count": int(has_a.sum()), "accuracy": 1.0}
+    recall = [(has_a | (labels == 0))[labels == c].float().mean().item() for c in (0, 1)]
+    assert result["clean_balanced_accuracy"] == pytest.approx(sum(recall) / 2)
+    assert evaluate(Oracle(), oracle_data_full())["natural_pattern_accuracy"] is None
+
+
+def oracle_data_full():
+    y = torch.arange(50) % 2
+    return MultimodalDataset({"a": torch.eye(2)[y], "b": torch.randn(50, 3), "c": torch.randn(50, 1)}, y,
+                             standardize=False)

@@ -13,20 +13,20 @@ import time
 import numpy as np
 import pytest
 import torch
-
-from modalimmune.train import NonFiniteError, checkpoint
-from modalimmune.train.methods import ERM, register_method
 from test_data import single_thread, tiny_arrays  # noqa: F401 (autouse fixture)
 from test_trainer import data, make  # noqa: F401 (fixture)
+
+from modalimmune.methods import ERM, register_method
+from modalimmune.train import NonFiniteError, checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KILLS = 20
 
 
-def _train_command(npz, out, epochs):
+def _train_command(npz, out, epochs, checkpoint_every=1):
     return [sys.executable, "-m", "modalimmune", "train", "--dataset", str(npz), "--epochs", str(epochs),
-            "--batch-size", "8", "--out", str(out), "--no-progress", "--checkpoint-every", "1", "--device", "cpu",
-            "--patience", "0", "--resume"]
+            "--batch-size", "8", "--out", str(out), "--no-progress", "--checkpoint-every", str(checkpoint_every),
+            "--device", "cpu", "--patience", "0", "--resume"]
 
 
 def _wait_for_new_checkpoint(process, path, since, timeout=60):
@@ -71,7 +71,8 @@ def test_sigkill_at_random_moments_resumes_to_the_same_run(tmp_path):
     os.makedirs(cut)
     kills, during_write, finished_early = 0, 0, 0
     while kills < KILLS:
-        stamp = os.stat(cut / "checkpoint.pt").st_mtime_ns if (cut / "checkpoint.pt").exists() else 0  # no writer runs here
+        # no writer runs here
+        stamp = os.stat(cut / "checkpoint.pt").st_mtime_ns if (cut / "checkpoint.pt").exists() else 0
         process = subprocess.Popen(_train_command(npz, cut, epochs), env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE)
         if not _wait_for_new_checkpoint(process, str(cut / "checkpoint.pt"), stamp):
@@ -98,6 +99,60 @@ def test_sigkill_at_random_moments_resumes_to_the_same_run(tmp_path):
         assert torch.equal(best_a[name], best_b[name]), name
     assert metrics_a == metrics_b
     assert not glob.glob(str(cut / ".checkpoint.pt.tmp-*"))
+
+
+def test_sigterm_stops_at_a_step_boundary_and_resumes_to_the_same_run(tmp_path):
+    """SIGTERM at random moments: each time the run writes its checkpoint at the next optimizer-step
+    boundary and exits with PREEMPTED_EXIT_CODE; resumed each time, it ends as the uninterrupted run."""
+    from modalimmune.train.trainer import PREEMPTED_EXIT_CODE
+
+    modalities, y, lengths = tiny_arrays(n=120, seed=4)
+    npz = tmp_path / "tiny.npz"
+    np.savez(npz, y=y, seq_lengths=lengths["seq"], **modalities)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "PYTHONWARNINGS": "ignore"}
+    epochs, whole, cut = 4, tmp_path / "whole", tmp_path / "cut"
+    command = lambda out: _train_command(npz, out, epochs, checkpoint_every=0)  # noqa: E731 (after each epoch)
+    subprocess.run(command(whole), env=env, check=True, capture_output=True, timeout=120)
+    rng = random.Random(int.from_bytes(os.urandom(4), "little"))
+    os.makedirs(cut)
+    stops = 0
+    while True:
+        metrics = cut / "metrics.jsonl"
+        written = metrics.stat().st_size if metrics.exists() else 0
+        process = subprocess.Popen(command(cut), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if not _wait_for_growth(process, metrics, written):
+            assert process.wait() == 0 and _finished(cut, epochs), process.stderr.read().decode()[-2000:]
+            break
+        time.sleep(rng.uniform(0, 0.1))
+        process.send_signal(signal.SIGTERM)
+        code, err = process.wait(), process.stderr.read().decode()
+        process.stderr.close()
+        if code in (0, -signal.SIGTERM) and _finished(cut, epochs):
+            break  # training and the export were done before the signal (SIGTERM then only ends the process)
+        assert code == PREEMPTED_EXIT_CODE and "stopped by SIGTERM" in err, (code, err[-2000:])
+        assert (cut / "checkpoint.pt").exists() and not glob.glob(str(cut / ".checkpoint.pt.tmp-*"))
+        stops += 1
+    assert stops >= 2, "SIGTERM never landed while training ran"
+    (model_a, metrics_a, best_a), (model_b, metrics_b, best_b) = _final(whole), _final(cut)
+    for name, value in model_a.items():
+        assert torch.equal(value, model_b[name]), name
+        assert torch.equal(best_a[name], best_b[name]), name
+    assert metrics_a == metrics_b
+
+
+def _finished(out, epochs):
+    """Whether the run in ``out`` trained all its epochs and wrote its model.pt."""
+    return (out / "model.pt").exists() and checkpoint.load(str(out / "checkpoint.pt"))["trainer"]["epoch"] == epochs
+
+
+def _wait_for_growth(process, path, size, timeout=60):
+    """Until ``path`` grows past ``size`` (this process trains: it writes records) or the process ends."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and process.poll() is None:
+        if path.exists() and path.stat().st_size > size:
+            return True
+        time.sleep(0.002)
+    return False
 
 
 def test_a_corrupted_checkpoint_falls_back_to_the_previous_one(data, tmp_path):  # noqa: F811

@@ -45,7 +45,8 @@ def _check_solve(n, cond, seed, backend, max_iter, tol, check_every=None):
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.one_of(st.integers(5, 40), st.integers(41, 200)), log_cond=st.floats(1.0, 4.0), seed=st.integers(0, 2**31 - 1),
+@given(n=st.one_of(st.integers(5, 40), st.integers(41, 200)), log_cond=st.floats(1.0, 4.0),
+       seed=st.integers(0, 2**31 - 1),
        tol=st.sampled_from([1e-3, 1e-6, 1e-9]), check_every=st.sampled_from([1, 8]))
 def test_random_spd_bound_never_below_true_error(n, log_cond, seed, tol, check_every):
     _check_solve(n, 10**log_cond, seed, "torch", max_iter=150, tol=tol, check_every=check_every)
@@ -326,7 +327,8 @@ def test_logistic_matches_finite_difference():
     (g,), cert = implicit_hypergradient(inner, lambda: val_loss(theta), [theta], [phi], damping=1e-8,
                                         tol=1e-9, max_iter=5000)
     h = 1e-4
-    fd = (val_loss(_logistic_fit(x, y, math.exp(phi0 + h))) - val_loss(_logistic_fit(x, y, math.exp(phi0 - h)))) / (2 * h)
+    fd = (val_loss(_logistic_fit(x, y, math.exp(phi0 + h)))
+          - val_loss(_logistic_fit(x, y, math.exp(phi0 - h)))) / (2 * h)
     assert cert.certified, cert.reason
     assert g.item() == pytest.approx(fd.item(), rel=1e-3)
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from modalimmune.method.interventions import add_noise, collapse, knock_out, token_dropout
+from modalimmune.methods.modalimmune.interventions import add_noise, collapse, knock_out, token_dropout
 
 
 def centred_energy(x):

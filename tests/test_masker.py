@@ -59,10 +59,11 @@ def test_step_writes_masked_gradient_and_keeps_tau_one_step_late():
     g_d, = torch.autograd.grad(destr, [x], retain_graph=True)
     d_before = masker.curvature[0].clone()
     gen_state = masker.generator.get_state()
+    x.grad = None  # step adds into .grad, as backward does
     stats = masker.step(clean, destr)
     # replay the same probe and rule by hand with tau from the previous step
     u = torch.randint(0, 2, x.shape, generator=torch.Generator().set_state(gen_state)).float() * 2 - 1
-    hessian = a.float() + 0.2 * torch.eye(len(x))  # of clean + destr
+    hessian = a.float()  # of the clean loss alone: the destructive part's 0.2 I is not probed
     d_new = 0.5 * d_before + 0.5 * u * (hessian @ u)
     torch.testing.assert_close(masker.curvature[0], d_new, rtol=1e-5, atol=1e-5)
     agree = (g_c * g_d) >= 0
@@ -91,12 +92,31 @@ def test_state_dict_round_trip_continues_identically():
     state = masker.state_dict()
     twin = CurvatureMasker([x], probe_every=2, backend="torch", seed=99)
     twin.load_state_dict(state)
+    x.grad = None
     masker.step(*losses())
     first = x.grad.clone()
+    x.grad = None
     twin.step(*losses())
     torch.testing.assert_close(x.grad, first)
     torch.testing.assert_close(twin.curvature[0], masker.curvature[0])
     assert twin.tau == masker.tau
+
+
+def test_step_adds_its_scaled_gradient_into_grad():
+    """``grad_scale * (g_c + M g_d)`` lands on top of what ``.grad`` held (gradient accumulation)."""
+    x, _, losses = quadratic_problem(32)
+    masker = CurvatureMasker([x], probe_every=1, quantile=0.5, backend="torch")
+    masker.step(*losses())  # curvature known from here on: some coordinates get masked
+    twin = CurvatureMasker([x], probe_every=1, quantile=0.5, backend="torch")
+    twin.load_state_dict(masker.state_dict())
+    x.grad = None
+    stats = masker.step(*losses())
+    alone = x.grad.clone()
+    held = torch.randn_like(x)
+    x.grad = held.clone()
+    twin_stats = twin.step(*losses(), grad_scale=0.25)
+    torch.testing.assert_close(x.grad, held + 0.25 * alone)
+    assert stats.masked_fraction.item() == twin_stats.masked_fraction.item() > 0
 
 
 @pytest.mark.parametrize("kwargs,argument", [

@@ -4,13 +4,14 @@ import dataclasses
 
 import pytest
 import torch
-
-import modalimmune.method.immune as immune
-from modalimmune.method.masker import CurvatureMasker
-from modalimmune.models import build_model
-from modalimmune.train import Trainer, build_method
-from modalimmune.train.methods import StepContext
 from test_data import single_thread, tiny_dataset  # noqa: F401 (autouse fixture)
+
+import modalimmune.methods.modalimmune.tuner as tuner
+from modalimmune.methods import CurvatureMasker, StepContext, build_method
+from modalimmune.methods.modalimmune import Views
+from modalimmune.methods.modalimmune.options import LOG_LAMBDA_RANGE
+from modalimmune.models import build_model
+from modalimmune.train import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +80,14 @@ def test_hypergradient_moves_phi_when_certified(data, monkeypatch):
     trainer = make(data, "modalimmune[hyper_every=1,hyper_lr=0.1]")
     method = trainer.method
     calls = []
-    original = immune.implicit_hypergradient
+    original = tuner.implicit_hypergradient
 
     def spy(*args, **kwargs):
         g, cert = original(*args, **kwargs)
         calls.append((g, cert, kwargs))
         return g, cert
-    monkeypatch.setattr(immune, "implicit_hypergradient", spy)
-    before = method.phi.detach().clone()
+    monkeypatch.setattr(tuner, "implicit_hypergradient", spy)
+    before = method.tuner.phi.detach().clone()
     one_step(trainer, step=0)  # no hypergradient on the first step
     assert not calls
     logs = one_step(trainer, step=1)
@@ -94,10 +95,10 @@ def test_hypergradient_moves_phi_when_certified(data, monkeypatch):
     (g,), cert, kwargs = calls[0]
     assert kwargs["curvature"] == "ggn" and cert.certified, cert.reason
     encoders = {id(p) for p in trainer.model.encoders.parameters()}
-    assert [id(p) for p in method.hyper_targets] == [id(p) for p in trainer.params if id(p) not in encoders]
+    assert [id(p) for p in method.tuner.targets] == [id(p) for p in trainer.params if id(p) not in encoders]
     # first RMS-normalised step: each coordinate moves by hyper_lr * sign(g) (clamped)
-    expected = (before - 0.1 * torch.sign(g)).clamp(*immune.LOG_LAMBDA_RANGE)
-    torch.testing.assert_close(method.phi.detach(), torch.where(g == 0, before, expected))
+    expected = (before - 0.1 * torch.sign(g)).clamp(*LOG_LAMBDA_RANGE)
+    torch.testing.assert_close(method.tuner.phi.detach(), torch.where(g == 0, before, expected))
     assert logs["hyper/applied"] == 1.0 and logs["hyper/certified"] == 1.0 and logs["hyper/iterations"] > 0
 
 
@@ -109,36 +110,36 @@ def test_hypergradient_through_the_attention_model(data):
     logs = one_step(trainer, step=1)
     assert logs["hyper/solves"] == 1 and logs["hyper/iterations"] > 0
     assert logs["hyper/certified"] == 1.0 and logs["hyper/applied"] == 1.0
-    assert logs["hyper/damping"] >= trainer.method.hyper_damping
-    assert torch.isfinite(trainer.method.phi).all()
+    assert logs["hyper/damping"] >= trainer.method.options.hyper_damping
+    assert torch.isfinite(trainer.method.tuner.phi).all()
 
 
 def test_uncertified_hypergradient_leaves_phi_unchanged(data):
     trainer = make(data, "modalimmune[hyper_every=1,hyper_tol=1e-12,hyper_iters=2]")
-    before = trainer.method.phi.detach().clone()
+    before = trainer.method.tuner.phi.detach().clone()
     one_step(trainer, step=0)
     logs = one_step(trainer, step=1)
     assert logs["hyper/solves"] == 1.0 and logs["hyper/certified"] == 0.0 and logs["hyper/applied"] == 0.0
     assert logs["hyper/grad_norm"] > 0
-    assert torch.equal(trainer.method.phi.detach(), before)
+    assert torch.equal(trainer.method.tuner.phi.detach(), before)
 
 
 def test_uncertified_by_certificate_flag_is_not_applied(data, monkeypatch):
     trainer = make(data, "modalimmune[hyper_every=1]")
-    original = immune.implicit_hypergradient
+    original = tuner.implicit_hypergradient
 
     def refuse(*args, **kwargs):
         g, cert = original(*args, **kwargs)
         return g, dataclasses.replace(cert, certified=False, reason="test")
-    monkeypatch.setattr(immune, "implicit_hypergradient", refuse)
-    before = trainer.method.phi.detach().clone()
+    monkeypatch.setattr(tuner, "implicit_hypergradient", refuse)
+    before = trainer.method.tuner.phi.detach().clone()
     one_step(trainer, step=1)
-    assert torch.equal(trainer.method.phi.detach(), before)
+    assert torch.equal(trainer.method.tuner.phi.detach(), before)
 
 
 def test_hypergrad_off_never_solves(data, monkeypatch):
     trainer = make(data, "modalimmune[hyper_every=1,hypergrad=off]")
-    monkeypatch.setattr(immune, "implicit_hypergradient", lambda *a, **k: pytest.fail("solved with hypergrad=off"))
+    monkeypatch.setattr(tuner, "implicit_hypergradient", lambda *a, **k: pytest.fail("solved with hypergrad=off"))
     for step in range(3):
         one_step(trainer, step)
 
@@ -171,9 +172,9 @@ def test_controller_measures_the_first_ig_samples(data, samples, rows):
     trainer = make(data, f"modalimmune[hypergrad=off,ig_samples={samples}]")
     controller, seen = trainer.method.controller, []
     measure = controller.measure
-    controller.measure = lambda model, embeddings, present, masks=None: (
+    controller.measure = lambda model, embeddings, present, *args: (
         seen.append((present.shape[0], {k: z.shape[0] for k, z in embeddings.items()})) or
-        measure(model, embeddings, present, masks))
+        measure(model, embeddings, present, *args))
     one_step(trainer)
     assert seen == [(rows, {name: rows for name in data.modalities})]
 
@@ -189,7 +190,7 @@ def test_resume_restores_the_whole_method_state(data, tmp_path):
     for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
     a, b = whole.method.state_dict(), resumed.method.state_dict()
-    assert torch.equal(a["phi"], b["phi"]) and a["hyper_count"] == b["hyper_count"] > 0
+    assert torch.equal(a["tuner"]["phi"], b["tuner"]["phi"]) and a["tuner"]["steps"] == b["tuner"]["steps"] > 0
     assert torch.equal(a["controller"]["estimates"], b["controller"]["estimates"])
     assert all(torch.equal(x, y) for x, y in zip(a["masker"]["curvature"], b["masker"]["curvature"]))
     assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (tmp_path / "cut" / "metrics.jsonl").read_text()
@@ -203,7 +204,7 @@ def test_resume_restores_the_whole_method_state(data, tmp_path):
     ("modalimmune[ig_samples=-1]", "ig_samples"), ("modalimmune[joint_targets=2]", "joint_targets"),
     ("modalimmune[speed=2]", "speed")])
 def test_bad_options(spec, name):
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises((ValueError, TypeError), match=name):
         build_method(spec)
 
 
@@ -215,8 +216,8 @@ def intervened(trainer, fill):
     present = trainer.model.all_present(batch)
     strengths = torch.zeros(16, len(trainer.dataset.modalities), dtype=torch.float64)
     fill(strengths)
-    out, out_present, _ = trainer.method.intervene(embeddings, present, batch.masks, strengths)
-    return embeddings, present, out, out_present
+    out = trainer.method.intervene(Views(embeddings, present, batch.masks), strengths)
+    return embeddings, present, out.embeddings, out.present
 
 
 def test_full_strength_collapse_is_the_models_missing_handling(data):
@@ -242,3 +243,43 @@ def test_per_sample_targets_damage_only_their_rows(data):
     drawn = trainer.method.draw_targets(16)
     assert drawn.shape == (16, len(data.modalities)) and ((drawn > 0).sum(1) >= 1).all()
     assert len({tuple(row) for row in (drawn > 0).tolist()}) > 1  # the samples draw their own subsets
+
+
+def method_state(method):
+    """Copies of every part of the method's state that a step may change."""
+    return {"controller": {k: v.clone() for k, v in method.controller.state_dict().items() if k != "generator"},
+            "curvature": [d.clone() for d in method.masker.curvature], "tau": method.masker.tau,
+            "masker_steps": method.masker.steps,
+            "tuner": {k: v for k, v in method.tuner.state_dict().items() if k != "power_init"}}
+
+
+def same_state(a, b):
+    tensors = lambda s: [*s["controller"].values(), *s["curvature"], s["tuner"]["phi"],  # noqa: E731
+                         s["tuner"]["mean_square"]]
+    return (all(torch.equal(x, y) for x, y in zip(tensors(a), tensors(b))) and a["tau"] == b["tau"]
+            and a["masker_steps"] == b["masker_steps"] and a["tuner"]["steps"] == b["tuner"]["steps"]
+            and a["tuner"]["log"] == b["tuner"]["log"])
+
+
+def test_a_nonfinite_step_is_skipped_and_leaves_the_method_state_untouched(data, monkeypatch):
+    """NaN embeddings on one step, on which the controller measures, the masker probes and phi is
+    solved for: the step is skipped and counted like any method's, and the controller's estimates,
+    the masker's D, tau and step count and phi are as before it; training then goes on."""
+    trainer = make(data, "modalimmune[ig_every=1,probe_every=1,hyper_every=1]", epochs=2)
+    encode, poisoned = trainer.model.encode, {"on": False}
+    monkeypatch.setattr(trainer.model, "encode", lambda batch: {
+        k: z * float("nan") if poisoned["on"] else z for k, z in encode(batch).items()})
+    trainer.fit(max_steps=2)
+    before = method_state(trainer.method)
+    params = [p.detach().clone() for p in trainer.params]
+    poisoned["on"] = True
+    trainer.fit(max_steps=3)  # step 2: measured, probed, solved for, and not finite
+    poisoned["on"] = False
+    assert trainer.state["nonfinite_total"] == 1
+    assert all(torch.equal(p, q) for p, q in zip(params, trainer.params))
+    assert same_state(before, method_state(trainer.method))
+    assert trainer.method.tuner.log["hyper/solves"] == before["tuner"]["log"]["hyper/solves"]
+    summary = trainer.fit(max_steps=5)
+    assert summary["steps"] == 5 and trainer.state["nonfinite_run"] == 0
+    assert not same_state(before, method_state(trainer.method))  # the good steps do move the state
+    assert all(torch.isfinite(p).all() for p in trainer.params)

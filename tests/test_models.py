@@ -1,10 +1,10 @@
-"""The ready models follow the DESIGN section 1 contract."""
+"""The ready models follow the model contract (docs/benchmark.md, "Models")."""
 
 import pytest
 import torch
+from test_data import single_thread, tiny_dataset  # noqa: F401 (autouse fixture)
 
 from modalimmune.models import build_model, pool
-from test_data import single_thread, tiny_dataset  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")

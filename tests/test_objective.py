@@ -6,12 +6,19 @@ import pytest
 import torch
 
 from modalimmune.data.dataset import Batch, ModalitySpec
-from modalimmune.method.interventions import collapse
-from modalimmune.method.objective import (Outputs, Terms, consistency_loss, forward_pair,
-                                          normalised_effective_rank, objective_terms, reconstruction_loss,
-                                          task_loss)
+from modalimmune.methods import forward
+from modalimmune.methods.modalimmune.interventions import Views, collapse
+from modalimmune.methods.modalimmune.objective import (
+    Outputs,
+    Terms,
+    consistency_loss,
+    forward_pair,
+    normalised_effective_rank,
+    objective_terms,
+    reconstruction_loss,
+    task_loss,
+)
 from modalimmune.models import LateFusionMLP
-from modalimmune.train.methods import forward
 
 
 def test_consistency_by_hand():
@@ -62,8 +69,9 @@ def tiny_setup(decode=False):
 def intervened_terms(model, batch, decode=False):
     z = model.encode(batch)
     present = model.all_present(batch)
-    perturbed = {**z, "b": collapse(z["b"], 0.6)}
-    outputs = forward_pair(model, z, perturbed, present, present, batch.masks, decode=decode)
+    clean = Views(z, present, batch.masks)
+    perturbed = Views({**z, "b": collapse(z["b"], 0.6)}, present, batch.masks)
+    outputs = forward_pair(model, clean, perturbed, decode=decode)
     return outputs, objective_terms(outputs, batch.labels, z, batch.masks)
 
 

@@ -6,11 +6,12 @@ import pickle
 
 import pytest
 import torch
-
-from modalimmune.models import build_model
-from modalimmune.train import TrainConfig, Trainer, build_method, checkpoint, load_model, parse_method
-from modalimmune.train.methods import ogm_coefficients, split_methods
 from test_data import single_thread, tiny_dataset  # noqa: F401 (autouse fixture)
+
+from modalimmune.methods import build_method, parse_method, split_methods
+from modalimmune.methods.baselines import ogm_coefficients
+from modalimmune.models import build_model
+from modalimmune.train import TrainConfig, Trainer, checkpoint, load_model
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,8 @@ def test_robust_selection_keeps_the_best_clean_and_missing_mean(data, tmp_path):
     assert trainer.validate() == trainer.validate()  # the same missing patterns every time
     seen = []  # the missing patterns drop modalities and keep at least one per sample
     fuse = trainer.model.fuse
-    trainer.model.fuse = lambda embeddings, present, masks=None: seen.append(present) or fuse(embeddings, present, masks)
+    trainer.model.fuse = lambda embeddings, present, masks=None: (seen.append(present)
+                                                                  or fuse(embeddings, present, masks))
     trainer.validate()
     patterns = torch.cat(seen[1::2])  # per batch: the clean pass, then the missing one
     assert len(patterns) == data.split_size("val") and not patterns.all() and patterns.any(1).all()
@@ -136,7 +138,7 @@ def test_bad_config_and_model(data):
         TrainConfig(epochs=0)
     with pytest.raises(ValueError, match="config.bf16"):
         TrainConfig(bf16="yes")
-    with pytest.raises(ValueError, match="method: unknown 'sgd'"):
+    with pytest.raises(ValueError, match="method: expected one of .*, got 'sgd'"):
         make(data, method="sgd")
     other = tiny_dataset(n=30)
     other.inputs = {"x": other.inputs["a"]}
@@ -150,13 +152,13 @@ def test_method_specs():
     assert parse_method("moddrop[p=0.25]") == ("moddrop", {"p": 0.25})
     assert parse_method("ogm_ge[alpha=1, ge=off]") == ("ogm_ge", {"alpha": 1, "ge": "off"})
     assert build_method("ogm_ge[ge=off]").ge is False and build_method("ogm_ge[ge=true]").ge is True
-    with pytest.raises(ValueError, match="expects a bool"):
+    with pytest.raises(ValueError, match="method ogm_ge option ge: expected true/false"):
         build_method("ogm_ge[ge=maybe]")
     assert split_methods("erm, moddrop[p=0.1,x=2],ogm_ge") == ["erm", "moddrop[p=0.1,x=2]", "ogm_ge"]
     assert build_method("moddrop[p=0.25]").p == 0.25
     with pytest.raises(ValueError, match="moddrop has no option 'q'"):
         build_method("moddrop[q=1]")
-    with pytest.raises(ValueError, match="option p must be a probability"):
+    with pytest.raises(ValueError, match=r"method moddrop option p: expected a finite number in \[0.0, 1.0\)"):
         build_method("moddrop[p=1.5]")
     with pytest.raises(ValueError, match="method: expected NAME"):
         parse_method("moddrop[p=1")
@@ -184,3 +186,112 @@ def test_moddrop_and_ogm_change_the_gradients(data, tmp_path):
     records = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     coefficients = [r[f"ogm_coeff/{m}"] for r in records if r["event"] == "step" for m in data.modalities]
     assert min(coefficients) < 1.0 and max(coefficients) == 1.0
+
+
+class DocumentedModel(torch.nn.Module):
+    """A model written to the documented contract alone (no ModalImmuneModel base class)."""
+
+    def __init__(self, spec, num_classes, with_all_present=True):
+        super().__init__()
+        self.modalities = tuple(spec)
+        vectors = {m for m, s in spec.items() if not s.is_sequence}
+        self.encoders = torch.nn.ModuleDict({m: torch.nn.Linear(spec[m].dim, 4) for m in vectors})
+        self.sequences = torch.nn.ModuleDict({m: torch.nn.Linear(spec[m].dim, 4) for m in spec if m not in vectors})
+        self.classifier = torch.nn.Linear(4 * len(spec), num_classes)
+        if not with_all_present:
+            self.all_present = None
+
+    def encode(self, batch):
+        out = {m: layer(batch.inputs[m]) for m, layer in self.encoders.items()}
+        out.update({m: layer(batch.inputs[m]).mean(1) for m, layer in self.sequences.items()})
+        return out
+
+    def fuse(self, embeddings, present, masks=None):
+        return torch.cat([embeddings[m] * present[:, i, None] for i, m in enumerate(self.modalities)], -1)
+
+    def head(self, joint):
+        return self.classifier(joint)
+
+    def all_present(self, batch):
+        return torch.ones(len(batch), len(self.modalities), dtype=torch.bool)
+
+
+def test_a_model_written_to_the_documented_contract_trains(data):
+    for method in ("erm", "moddrop", "modalimmune[hypergrad=off]"):
+        summary = Trainer(DocumentedModel(data.spec, data.num_classes), data, method=method, epochs=1,
+                          batch_size=16, progress=False).fit()
+        assert summary["finished"], method
+    with pytest.raises(TypeError, match=r"model: expected a module with encode, fuse, head, all_present .*"
+                                        r"without all_present\(\)"):
+        Trainer(DocumentedModel(data.spec, data.num_classes, with_all_present=False), data)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"lr": 1e-5}, r"another lr \(lr=0.002; this run: lr=1e-05\)"),
+    ({"select": "robust"}, "another select"),
+    ({"model_seed": 0, "hidden": 8}, "weights of another model"),
+])
+def test_resume_refuses_what_a_resumed_run_cannot_change(data, tmp_path, change, message):
+    make(data, tmp_path, epochs=2, checkpoint_every=2).fit(max_steps=3)
+    saved = (tmp_path / "checkpoint.pt").read_bytes()
+    hidden = change.pop("hidden", None)
+    if hidden:
+        torch.manual_seed(0)
+        model = build_model("mlp", data.spec, data.num_classes, hidden=hidden, embed_dim=8, fused_dim=16)
+        trainer = Trainer(model, data, out_dir=tmp_path, epochs=2, batch_size=16, progress=False, patience=0,
+                          checkpoint_every=2)
+    else:
+        trainer = make(data, tmp_path, epochs=2, checkpoint_every=2, **change)
+    before = [p.detach().clone() for p in trainer.params]
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(resume=True)
+    assert all(torch.equal(p, q) for p, q in zip(before, trainer.params))  # nothing was loaded
+    assert (tmp_path / "checkpoint.pt").read_bytes() == saved
+
+
+def test_resume_applies_what_only_watches_the_run(data, tmp_path):
+    whole = make(data, tmp_path / "whole", epochs=2, checkpoint_every=2)
+    whole.fit()
+    cut = make(data, tmp_path / "cut", epochs=2, checkpoint_every=2)
+    cut.fit(max_steps=3)
+    resumed = make(data, tmp_path / "cut", epochs=2, checkpoint_every=1, max_nonfinite_steps=3)
+    resumed.fit(resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(whole.params, resumed.params))
+    assert checkpoint.load(str(tmp_path / "cut" / "checkpoint.pt"))["config"]["checkpoint_every"] == 1
+
+
+def test_resume_refuses_a_checkpoint_of_another_dataset(data, tmp_path):
+    make(data, tmp_path, epochs=1).fit()
+    other = tiny_dataset(n=120)
+    torch.manual_seed(0)
+    model = build_model("mlp", other.spec, other.num_classes, hidden=16, embed_dim=8, fused_dim=16)
+    with pytest.raises(ValueError, match="checkpoint: .* trained on another dataset"):
+        Trainer(model, other, out_dir=tmp_path, epochs=1, batch_size=16, progress=False, patience=0).fit(resume=True)
+
+
+def test_a_fresh_run_refuses_a_folder_that_holds_a_run(data, tmp_path):
+    make(data, tmp_path, epochs=1).fit()
+    files = {name: (tmp_path / name).read_bytes() for name in ("checkpoint.pt", "metrics.jsonl", "model.pt")}
+    with pytest.raises(FileExistsError, match=r"out_dir: expected a folder without a run, got .* holding "
+                                              r"checkpoint.pt, metrics.jsonl, model.pt"):
+        make(data, tmp_path, epochs=1).fit()
+    assert {name: (tmp_path / name).read_bytes() for name in files} == files
+    make(data, tmp_path, epochs=1, seed=1, overwrite=True).fit()
+    assert (tmp_path / "checkpoint.pt").read_bytes() != files["checkpoint.pt"]
+
+
+def test_method_options_the_data_cannot_serve_fail_before_anything_is_written(tmp_path):
+    """Six modalities: the exact Shapley controller (M <= 5) is refused by the Trainer before it
+    creates its folder, and by compare before its first method trains."""
+    from modalimmune import compare
+    from modalimmune.data import MultimodalDataset
+
+    generator = torch.Generator().manual_seed(0)
+    six = MultimodalDataset({f"m{i}": torch.randn(60, 3, generator=generator) for i in range(6)},
+                            torch.arange(60) % 3)
+    model = build_model("mlp", six.spec, six.num_classes, hidden=8, embed_dim=4, fused_dim=8)
+    with pytest.raises(ValueError, match=r"method modalimmune: estimator: 'shapley' needs M <= 5"):
+        Trainer(model, six, out_dir=tmp_path / "run", method="modalimmune[controller=shapley]", progress=False)
+    with pytest.raises(ValueError, match=r"method modalimmune: estimator: 'shapley' needs M <= 5"):
+        compare(six, ["erm", "modalimmune[controller=shapley]"], 1, str(tmp_path / "cmp"), epochs=1, log=None)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cmp").exists()

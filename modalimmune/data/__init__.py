@@ -1,7 +1,9 @@
-"""Datasets: packaged real data (mfeat, avdigits), .npz files and user tensors."""
+"""Datasets: packaged real data (mfeat, avdigits, hapt, reviews), .npz files and user tensors."""
 
-from .dataset import SPLITS, Batch, ModalitySpec, MultimodalDataset, stratified_split
+from .dataset import SPLITS, TASKS, Batch, ModalitySpec, MultimodalDataset, stratified_split
+from .hapt import load_hapt
+from .reviews import load_reviews
 from .sources import DATASETS, load_avdigits, load_dataset, load_mfeat
 
-__all__ = ["SPLITS", "Batch", "ModalitySpec", "MultimodalDataset", "stratified_split", "DATASETS",
-           "load_avdigits", "load_dataset", "load_mfeat"]
+__all__ = ["SPLITS", "TASKS", "Batch", "ModalitySpec", "MultimodalDataset", "stratified_split", "DATASETS",
+           "load_avdigits", "load_dataset", "load_hapt", "load_mfeat", "load_reviews"]

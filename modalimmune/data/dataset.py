@@ -1,35 +1,45 @@
 """MultimodalDataset: named modalities of one set of samples, a fixed stratified
-train/val/test split, standardisation fitted on the training split only, and
-padded variable-length sequences with their masks (docs/benchmark.md)."""
+train/val/test split, standardisation fitted on the training split only, padded
+variable-length sequences with their masks, the modalities each sample has
+(natural missingness) and classification or regression targets (docs/benchmark.md)."""
 
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from ..checks import choice, fail, integer
+
 SPLITS = ("train", "val", "test")
+TASKS = ("classification", "regression")
+TARGET_BINS = 10  # a regression split is stratified by the decile of the target
 
 
 @dataclass
 class Batch:
     """One mini-batch: ``inputs[name]`` is ``(B, d)`` (vectors) or ``(B, T, d)``
     (sequences, padded), ``masks[name]`` the ``(B, T)`` bool mask of real steps
-    (sequence modalities only), ``labels`` ``(B,)`` int64."""
+    (sequence modalities only), ``labels`` ``(B,)`` int64 class indices or, for
+    regression, float32 targets; ``present`` the ``(B, M)`` bool mask of the
+    modalities each sample has, in the dataset's modality order (None: the data
+    has no missing modality)."""
 
     inputs: dict
     labels: torch.Tensor
     masks: dict = field(default_factory=dict)
+    present: torch.Tensor = None
 
     def __len__(self):
         return self.labels.shape[0]
 
     def to(self, device):
         move = lambda d: {k: v.to(device, non_blocking=True) for k, v in d.items()}  # noqa: E731
-        return Batch(move(self.inputs), self.labels.to(device), move(self.masks))
+        present = None if self.present is None else self.present.to(device, non_blocking=True)
+        return Batch(move(self.inputs), self.labels.to(device), move(self.masks), present)
 
     def replace(self, name, value):
         """A batch with modality ``name``'s input replaced by ``value``."""
-        return Batch({**self.inputs, name: value}, self.labels, self.masks)
+        return Batch({**self.inputs, name: value}, self.labels, self.masks, self.present)
 
 
 @dataclass(frozen=True)
@@ -45,41 +55,142 @@ class ModalitySpec:
         return self.max_len > 0
 
 
+def _numeric_tensor(name, value, what):
+    """``value`` (a Tensor or an ndarray) as a tensor, refused unless it holds bools or numbers."""
+    if not isinstance(value, (torch.Tensor, np.ndarray)):
+        fail(name, f"{what} (a Tensor or an ndarray)", type(value).__name__, TypeError)
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":  # strings, objects, dates: numpy's own error would not name the argument
+            fail(name, what, f"dtype {value.dtype}", TypeError)
+        value = torch.as_tensor(value)
+    if value.is_complex():
+        fail(name, what, f"dtype {value.dtype}", TypeError)
+    return value.detach()
+
+
 def _as_float_tensor(name, value):
     if isinstance(value, (list, tuple)):  # variable-length sequences
         return [_as_float_tensor(f"{name}[{i}]", v) for i, v in enumerate(value)]
     if not isinstance(value, (torch.Tensor, np.ndarray)):
-        raise TypeError(f"{name}: expected a Tensor, an ndarray or a list of them, got {type(value).__name__}")
-    tensor = torch.as_tensor(np.asarray(value) if isinstance(value, np.ndarray) else value)
+        fail(name, "a Tensor, an ndarray or a list of them", type(value).__name__, TypeError)
+    tensor = _numeric_tensor(name, value, "numeric features")
     if not (tensor.is_floating_point() or tensor.dtype in (torch.uint8, torch.int16, torch.int32, torch.int64)):
-        raise TypeError(f"{name}: expected numeric features, got dtype {tensor.dtype}")
-    tensor = tensor.detach().to("cpu", torch.float32)
-    if not torch.isfinite(tensor).all():
-        bad = int((~torch.isfinite(tensor)).reshape(tensor.shape[0], -1).any(1).nonzero()[0, 0]) if tensor.ndim else 0
-        raise ValueError(f"{name}: features must be finite; sample {bad} has NaN or Inf")
+        fail(name, "numeric features", f"dtype {tensor.dtype}", TypeError)
+    tensor = tensor.to("cpu", torch.float32)
+    if tensor.ndim not in (2, 3):
+        fail(name, "samples first: (N, d), (N, T, d) or a list of N (T_i, d)", f"shape {tuple(tensor.shape)}")
     return tensor
 
 
-def _pad(name, sequences, lengths):
+def _first_sample(bad):
+    """The position of the first sample (row) of ``bad`` with a True entry."""
+    return int(bad.reshape(bad.shape[0], -1).any(1).nonzero()[0, 0])
+
+
+def _check_finite(name, tensor):
+    if not torch.isfinite(tensor).all():
+        fail(name, "finite features", f"NaN or Inf in sample {_first_sample(~torch.isfinite(tensor))}")
+
+
+def _as_labels(name, labels):
+    """N integer class labels (integral floats too) as an int64 tensor."""
+    labels = _numeric_tensor(name, labels if isinstance(labels, torch.Tensor) else np.asarray(labels),
+                             "N integer class labels")
+    if labels.ndim != 1:
+        fail(name, "N integer class labels", f"shape {tuple(labels.shape)} dtype {labels.dtype}")
+    if labels.is_floating_point() and not torch.equal(labels, labels.round()):  # NaN (a missing label) included
+        bad = _first_sample(labels != labels.round())
+        fail(name, "N integer class labels", f"{labels[bad].item()} in sample {bad}")
+    return labels.long()
+
+
+def _as_targets(name, targets):
+    """N finite regression targets as a float32 tensor, in their own units (not standardised)."""
+    targets = _numeric_tensor(name, targets if isinstance(targets, torch.Tensor) else np.asarray(targets),
+                              "N finite regression targets")
+    if targets.dtype == torch.bool:
+        fail(name, "N finite regression targets", f"dtype {targets.dtype}", TypeError)
+    if targets.ndim != 1:
+        fail(name, "N finite regression targets", f"shape {tuple(targets.shape)}")
+    targets = targets.to("cpu", torch.float32)
+    if not torch.isfinite(targets).all():  # also a float64 target beyond float32's range
+        bad = _first_sample(~torch.isfinite(targets))
+        fail(name, "N finite regression targets", f"{targets[bad].item()} in sample {bad}")
+    return targets
+
+
+def _target_bins(targets):
+    """The decile of each regression target (tied targets share a bin): the strata of its split."""
+    targets = targets.double()
+    edges = torch.quantile(targets, torch.linspace(0, 1, TARGET_BINS + 1, dtype=torch.float64)[1:-1])
+    return torch.bucketize(targets, torch.unique(edges))
+
+
+def _present_column(name, value, count):
+    """N booleans (bools, or integers 0 and 1) as a bool tensor."""
+    value = _numeric_tensor(name, value if isinstance(value, torch.Tensor) else np.asarray(value),
+                            "booleans (True: the sample has the modality)")
+    if value.is_floating_point():
+        fail(name, "booleans (True: the sample has the modality)", f"dtype {value.dtype}", TypeError)
+    if value.dtype != torch.bool and ((value != 0) & (value != 1)).any():
+        fail(name, "booleans (True: the sample has the modality)", f"the value {value[(value != 0) & (value != 1)][0]}")
+    if value.shape != (count,):
+        fail(name, f"{count} booleans (one per sample)", f"shape {tuple(value.shape)}")
+    return value.to("cpu", torch.bool)
+
+
+def _as_present(present, names, count):
+    """The ``(N, M)`` bool mask of the modalities each sample has (``names`` order), from an
+    ``(N, M)`` array or ``{name: N booleans}`` (a modality not named: every sample has it)."""
+    if isinstance(present, dict):
+        for key in present:
+            if key not in names:
+                fail("present", f"keys among the modalities ({', '.join(names)})", repr(key))
+        mask = torch.stack([_present_column(f"present[{key!r}]", present[key], count) if key in present
+                            else torch.ones(count, dtype=torch.bool) for key in names], 1)
+    else:
+        what = f"a ({count}, {len(names)}) bool array (samples, modalities {', '.join(names)}) or a dict"
+        if not isinstance(present, (torch.Tensor, np.ndarray)):
+            fail("present", what, type(present).__name__, TypeError)
+        if tuple(present.shape) != (count, len(names)):
+            fail("present", what, f"shape {tuple(present.shape)}")
+        mask = _present_column("present", present.reshape(-1), count * len(names)).reshape(count, len(names))
+    if not mask.any(1).all():
+        fail("present", "at least one modality in every sample", f"none in sample {_first_sample(~mask.any(1))}")
+    return mask
+
+
+def _without_absent(value, kept):
+    """``value`` (a tensor or a list of sequences) with the samples not ``kept`` zeroed, whatever they held."""
+    if isinstance(value, list):
+        return [item if keep else torch.zeros_like(item) for item, keep in zip(value, kept.tolist())]
+    return torch.where(kept.view(-1, *[1] * (value.ndim - 1)), value, 0.0)
+
+
+def _pad(name, sequences, lengths, kept=None):
     """Stacks a list of (T_i, d) tensors, or checks a padded (N, T, d) tensor and its
-    lengths; returns (padded, mask)."""
+    lengths; returns (padded, mask). ``kept``: the samples that have the modality (None:
+    all); only their lengths are checked, an absent sample is one zero step."""
     if isinstance(sequences, list):
         if not sequences:
-            raise ValueError(f"{name}: expected at least one sample")
-        dims = {s.shape[1:] for s in sequences}
-        if any(s.ndim != 2 for s in sequences) or len(dims) != 1:
-            raise ValueError(f"{name}: every sequence must be (T_i, d) with one d, got shapes "
-                             f"{sorted({tuple(s.shape) for s in sequences})[:3]}")
+            fail(name, "at least one sample", "an empty list")
+        if any(s.ndim != 2 for s in sequences) or len({s.shape[1:] for s in sequences}) != 1:
+            fail(name, "sequences (T_i, d) with one d", f"shapes {sorted({tuple(s.shape) for s in sequences})[:3]}")
         lengths = torch.tensor([s.shape[0] for s in sequences])
         sequences = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True)
     elif lengths is None:
-        return sequences, None
-    lengths = torch.as_tensor(lengths).long()
+        if kept is None or sequences.ndim != 3:
+            return sequences, None
+        lengths = torch.full((sequences.shape[0],), sequences.shape[1])
+    lengths = _numeric_tensor(name, lengths if isinstance(lengths, torch.Tensor) else np.asarray(lengths),
+                              "N integer lengths")
     if sequences.ndim != 3 or lengths.shape != (sequences.shape[0],):
-        raise ValueError(f"{name}: lengths need a (N, T, d) array and N lengths, got {tuple(sequences.shape)} "
-                         f"and {tuple(lengths.shape)}")
-    if (lengths < 1).any() or (lengths > sequences.shape[1]).any():
-        raise ValueError(f"{name}: lengths must lie in [1, {sequences.shape[1]}]")
+        fail(name, "a (N, T, d) array with N lengths", f"shapes {tuple(sequences.shape)} and {tuple(lengths.shape)}")
+    checked = lengths if kept is None else lengths[kept]
+    if (checked < 1).any() or (checked > sequences.shape[1]).any():
+        fail(name, f"lengths in [1, {sequences.shape[1]}]", f"lengths from {checked.min().item()} to "
+                                                             f"{checked.max().item()}")
+    lengths = lengths.long() if kept is None else torch.where(kept, lengths.long(), 1)
     mask = torch.arange(sequences.shape[1]) < lengths[:, None]
     return sequences * mask[..., None], mask
 
@@ -103,68 +214,144 @@ def stratified_split(labels, fractions, seed):
     return {split: torch.sort(torch.cat(idx)).values for split, idx in parts.items()}
 
 
+def _given_split(name, index, count):
+    """A split the user chose: distinct dataset positions in [0, count), at least one, in dataset order."""
+    index = _numeric_tensor(name, index if isinstance(index, torch.Tensor) else np.asarray(index),
+                            "integer sample positions")
+    if index.ndim != 1 or not len(index):
+        fail(name, "a non-empty 1-d array of sample positions", f"shape {tuple(index.shape)}")
+    if index.is_floating_point() or index.dtype == torch.bool:
+        fail(name, "integer sample positions", f"dtype {index.dtype}", TypeError)
+    if index.min() < 0 or index.max() >= count:
+        fail(name, f"positions in [0, {count - 1}]", f"{index.min().item()} to {index.max().item()}")
+    index = torch.sort(index.long()).values
+    if (index[1:] == index[:-1]).any():
+        fail(name, "distinct positions", f"{int(index[1:][index[1:] == index[:-1]][0])} more than once")
+    return index
+
+
+def _given_splits(splits, count):
+    if not isinstance(splits, dict):
+        fail("splits", "None or a dict {'train': idx, 'val': idx, 'test': idx}", type(splits).__name__, TypeError)
+    if set(splits) != set(SPLITS):
+        fail("splits", "the keys 'train', 'val' and 'test'", repr(sorted(splits)))
+    return {split: _given_split(f"splits[{split!r}]", splits[split], count) for split in SPLITS}
+
+
+def _automatic_splits(labels, fractions, seed):
+    """The stratified split, refused when a split is empty (validation would select on nothing)."""
+    splits = stratified_split(labels, fractions, seed)
+    if not all(len(splits[split]) for split in SPLITS):
+        sizes = ", ".join(f"{split} {len(splits[split])}" for split in SPLITS)
+        fail("splits", "at least one sample in each of train, val and test",
+             f"{sizes} of {len(labels)} samples from the stratified split with fractions {tuple(fractions)}; give "
+             "more samples per class, or choose the samples with splits={'train': ..., 'val': ..., 'test': ...}")
+    return splits
+
+
 class MultimodalDataset:
-    """Samples with M named modalities and a class label.
+    """Samples with M named modalities and a class label or a regression target.
 
     ``modalities``: ``{name: array}`` in the order the modalities are reported;
     each array has the samples first: ``(N, d)``, ``(N, T, d)`` with
-    ``lengths[name]``, or a list of N ``(T_i, d)`` sequences.  ``labels``: N
-    integer class labels (any values; they are mapped to ``0..C-1``).
-    The split is stratified by class and fixed by ``split_seed``; every modality
-    is standardised with the mean and standard deviation of the training split.
+    ``lengths[name]``, or a list of N ``(T_i, d)`` sequences.
+    ``task="classification"``: ``labels`` are N integer class labels (any values;
+    they are mapped to ``0..C-1``). ``task="regression"``: N finite targets, kept
+    as float32 in their own units -- not standardised, so that errors (MAE) read in
+    the target's units; ``classes`` and ``num_classes`` are then None and
+    ``num_outputs`` (the model's output size) is 1.
+    ``present``: the modalities each sample has when the data itself lacks some
+    (natural missingness): an ``(N, M)`` bool array in modality order, or
+    ``{name: N booleans}`` (a modality not named is in every sample); every sample
+    needs at least one. What an absent entry holds is ignored (NaN allowed): it is
+    zero after standardisation, i.e. the training mean, and an absent sequence is one
+    zero step. None (or all true) is no missingness, and batches carry ``present=None``.
+    The split is stratified by class (regression: by the decile of the target) and
+    fixed by ``split_seed``, with ``fractions`` of the samples in (train, val, test);
+    every split must get at least one sample. ``splits``: the user's own split
+    instead, ``{"train": idx, "val": idx, "test": idx}``, each a non-empty 1-d array
+    of distinct sample positions (``fractions`` and ``split_seed`` are then unused;
+    the splits may overlap, e.g. for a smoke test on two samples, but then the
+    validation and test figures are not those of held-out data).
+    Every modality is standardised with the mean and standard deviation of the
+    training samples that have it. ``source``: where the data can be loaded again (a
+    packaged dataset's name or an ``.npz``'s absolute path, as :func:`load_dataset`
+    sets it; None for arrays given in memory); ``model.pt`` records it so that
+    ``modalimmune eval`` finds the data.
     """
 
-    def __init__(self, modalities, labels, *, lengths=None, name="custom", split_seed=0,
-                 fractions=(0.7, 0.1, 0.2), standardize=True):
-        if not isinstance(modalities, dict) or not modalities:
-            raise ValueError("modalities: expected a non-empty dict {name: array}")
+    def __init__(self, modalities, labels, *, lengths=None, present=None, task="classification", name="custom",
+                 split_seed=0, fractions=(0.7, 0.1, 0.2), splits=None, standardize=True, source=None):
+        if not isinstance(modalities, dict):
+            fail("modalities", "a non-empty dict {name: array}", type(modalities).__name__, TypeError)
+        if not modalities:
+            fail("modalities", "a non-empty dict {name: array}", "{}")
         for key in modalities:
             if not isinstance(key, str) or not key or "+" in key:
-                raise ValueError(f"modalities: names must be non-empty strings without '+', got {key!r}")
+                fail("modalities", "names that are non-empty strings without '+'", repr(key))
         lengths = dict(lengths or {})
         for key in lengths:
             if key not in modalities:
-                raise ValueError(f"lengths: {key!r} is not a modality (modalities: {', '.join(modalities)})")
+                fail("lengths", f"keys among the modalities ({', '.join(modalities)})", repr(key))
         if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6 or fractions[0] <= 0:
-            raise ValueError(f"fractions: expected (train, val, test) >= 0 summing to 1 with train > 0, got {fractions}")
-        self.name = name
-        self.split_seed = split_seed
-        labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
-        if labels.ndim != 1 or labels.is_floating_point() and not torch.equal(labels, labels.round()):
-            raise ValueError(f"labels: expected N integer class labels, got shape {tuple(labels.shape)} "
-                             f"dtype {labels.dtype}")
-        self.classes, labels = torch.unique(labels, return_inverse=True)
-        if len(self.classes) < 2:
-            raise ValueError(f"labels: expected at least 2 classes, got {len(self.classes)}")
-        self.labels = labels.long()
-        n = len(self.labels)
-        self.inputs, self.masks = {}, {}
-        for key, value in modalities.items():
-            value = _as_float_tensor(f"modalities[{key!r}]", value)
-            value, mask = _pad(f"modalities[{key!r}]", value, lengths.get(key))
-            if value.shape[0] != n:
-                raise ValueError(f"modalities[{key!r}]: has {value.shape[0]} samples but labels has {n}; "
-                                 "every modality needs one row per sample")
-            if value.ndim not in (2, 3):
-                raise ValueError(f"modalities[{key!r}]: expected (N, d) or (N, T, d), got {tuple(value.shape)}")
-            self.inputs[key] = value
+            fail("fractions", "(train, val, test) >= 0 summing to 1 with train > 0", repr(fractions))
+        choice("task", task, TASKS)
+        if task == "classification":
+            labels = _as_labels("labels", labels)
+            classes, labels = torch.unique(labels, return_inverse=True)
+            if len(classes) < 2:
+                fail("labels", "at least 2 classes", f"{len(classes)}")
+            strata = labels
+        else:
+            classes, labels = None, _as_targets("labels", labels)
+            strata = _target_bins(labels)
+        n = len(labels)
+        if present is not None:
+            present = _as_present(present, tuple(modalities), n)
+            present = None if present.all() else present
+        inputs, masks = {}, {}
+        for position, (key, value) in enumerate(modalities.items()):
+            argument = f"modalities[{key!r}]"
+            value = _as_float_tensor(argument, value)
+            if len(value) != n:
+                fail(argument, f"{n} samples (one per label)", f"{len(value)}")
+            kept = None if present is None else present[:, position]
+            if kept is not None:
+                value = _without_absent(value, kept)
+            value, mask = _pad(argument, value, lengths.get(key), kept)
+            _check_finite(argument, value)
+            inputs[key] = value
             if value.ndim == 3:
-                self.masks[key] = mask if mask is not None else torch.ones(value.shape[:2], dtype=torch.bool)
-        self.splits = stratified_split(self.labels, fractions, split_seed)
+                masks[key] = mask if mask is not None else torch.ones(value.shape[:2], dtype=torch.bool)
+        if splits is None:
+            splits = _automatic_splits(strata, fractions, split_seed)
+        else:
+            splits, split_seed = _given_splits(splits, n), None
+        self.name, self.source, self.split_seed, self.task = name, source, split_seed, task
+        self.classes, self.labels, self.inputs, self.masks, self.splits = classes, labels, inputs, masks, splits
+        self.present = present
         if standardize:
             self._standardize()
 
     def _standardize(self):
         train = self.splits["train"]
-        for key, value in self.inputs.items():
+        for position, (key, value) in enumerate(self.inputs.items()):
             rows = value[train]
-            if key in self.masks:  # statistics over the real steps only
-                rows = rows[self.masks[key][train]]
+            real = self.masks[key][train] if key in self.masks else None
+            if self.present is not None:  # statistics over the training samples that have the modality
+                kept = self.present[train, position]
+                rows, real = rows[kept], None if real is None else real[kept]
+                if not len(rows):
+                    fail("present", f"modality {key!r} in at least one training sample (its statistics)", "none")
+            if real is not None:  # statistics over the real steps only
+                rows = rows[real]
             mean, std = rows.mean(0), rows.std(0)
             std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant features stay put
             value = (value - mean) / std
             if key in self.masks:
                 value = value * self.masks[key][..., None]
+            if self.present is not None:
+                value = _without_absent(value, self.present[:, position])
             self.inputs[key] = value
 
     @property
@@ -173,7 +360,13 @@ class MultimodalDataset:
 
     @property
     def num_classes(self):
-        return len(self.classes)
+        """The number of classes; None for regression."""
+        return None if self.classes is None else len(self.classes)
+
+    @property
+    def num_outputs(self):
+        """The model's output size: the number of classes, or 1 for regression."""
+        return 1 if self.classes is None else len(self.classes)
 
     @property
     def spec(self):
@@ -187,20 +380,36 @@ class MultimodalDataset:
         return len(self.indices(split))
 
     def indices(self, split):
-        if split not in SPLITS:
-            raise ValueError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
-        return self.splits[split]
+        return self.splits[choice("split", split, SPLITS)]
+
+    def missingness(self):
+        """The natural missingness of all samples and of each split: ``{"all" | split:
+        {"samples": n, "missing": {name: fraction of samples without it},
+        "patterns": {"a+b": count}}}``, a pattern named by the modalities its samples
+        have (modality order), the most frequent first."""
+        present = self.present if self.present is not None else torch.ones(len(self), len(self.inputs),
+                                                                            dtype=torch.bool)
+        report = {}
+        for split, index in {"all": torch.arange(len(self)), **self.splits}.items():
+            rows = present[index]
+            patterns, counts = torch.unique(rows, dim=0, return_counts=True)
+            named = {"+".join(m for m, has in zip(self.modalities, pattern.tolist()) if has): int(count)
+                     for pattern, count in zip(patterns, counts)}
+            missing = {m: (~rows[:, i]).double().mean().item() for i, m in enumerate(self.modalities)}
+            report[split] = {"samples": len(index), "missing": missing,
+                             "patterns": dict(sorted(named.items(), key=lambda item: (-item[1], item[0])))}
+        return report
 
     def batch(self, index):
         """The samples at ``index`` (a LongTensor of dataset positions) as a Batch."""
+        present = None if self.present is None else self.present[index]
         return Batch({k: v[index] for k, v in self.inputs.items()}, self.labels[index],
-                     {k: m[index] for k, m in self.masks.items()})
+                     {k: m[index] for k, m in self.masks.items()}, present)
 
     def batches(self, split, batch_size, *, order=None):
         """Batches of ``split`` in ``order`` (a permutation of the split's positions;
         default: dataset order)."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+        integer("batch_size", batch_size, 1)
         index = self.indices(split)
         if order is not None:
             index = index[order]
@@ -209,5 +418,9 @@ class MultimodalDataset:
 
     def __repr__(self):
         shapes = ", ".join(f"{k}{tuple(v.shape[1:])}" for k, v in self.inputs.items())
-        return (f"MultimodalDataset({self.name!r}: {len(self)} samples, {self.num_classes} classes, {shapes}; "
-                f"split {[len(self.splits[s]) for s in SPLITS]} seed {self.split_seed})")
+        target = "regression targets" if self.classes is None else f"{self.num_classes} classes"
+        missing = "" if self.present is None else "; missing " + ", ".join(
+            f"{m} {fraction:.1%}" for m, fraction in self.missingness()["all"]["missing"].items() if fraction)
+        return (f"MultimodalDataset({self.name!r}: {len(self)} samples, {target}, {shapes}; "
+                f"split {[len(self.splits[s]) for s in SPLITS]} "
+                f"{'given' if self.split_seed is None else f'seed {self.split_seed}'}{missing})")

@@ -1,8 +1,7 @@
-"""The evaluation protocol of DESIGN section 9, comparisons and reports."""
+"""The evaluation protocol (docs/benchmark.md, "Evaluation protocol"), its metrics and reports."""
 
 from . import metrics
-from .compare import compare
 from .protocol import evaluate
 from .report import build_report, write_report
 
-__all__ = ["metrics", "compare", "evaluate", "build_report", "write_report"]
+__all__ = ["metrics", "evaluate", "build_report", "write_report"]

@@ -21,12 +21,20 @@ def subset_name(modalities, subset):
 
 
 def missing_summary(subset_accuracy, modalities):
-    """(mean, worst) accuracy over the missing patterns: every non-empty proper subset."""
+    """(mean, worst) accuracy over the missing patterns: every non-empty proper subset that some
+    sample can have (None: no sample has it)."""
     full = "+".join(modalities)
-    values = [v for k, v in subset_accuracy.items() if k != full]
+    values = [v for k, v in subset_accuracy.items() if k != full and v is not None]
     if not values:  # a single modality has no missing pattern
         return float("nan"), float("nan")
     return float(np.mean(values)), float(np.min(values))
+
+
+def balanced_accuracy(predicted, labels):
+    """The mean over the classes present in ``labels`` of the fraction of their samples predicted
+    right (recall): the accuracy a classifier gets when every class weighs the same."""
+    predicted, labels = np.asarray(predicted), np.asarray(labels)
+    return float(np.mean([np.mean(predicted[labels == c] == c) for c in np.unique(labels)]))
 
 
 def drop_rate_auc(rates, accuracy):

@@ -1,6 +1,7 @@
 """PNG plots of a report: accuracy vs test-time drop rate (bands over seeds),
-accuracy per missing pattern and, for the methods that log it, the
-per-modality information gain over training (from the runs' metrics.jsonl)."""
+accuracy per missing pattern, accuracy vs corruption level per modality and
+family and, for the methods that log it, the per-modality information gain
+over training (from the runs' metrics.jsonl)."""
 
 import glob
 import json
@@ -13,12 +14,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def percent(figures, key):
+    """``figure[key]`` of each figure in %, NaN where it is None (a pattern no sample has)."""
+    return np.array([np.nan if f[key] is None else f[key] * 100 for f in figures], dtype=float)
+
+
 def drop_rate_plot(path, report):
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, entry in report["methods"].items():
         curve = entry["drop_rate_curve"]
-        mean = np.array([f["mean"] for f in curve["accuracy"]]) * 100
-        std = np.array([f["std"] for f in curve["accuracy"]]) * 100
+        mean, std = percent(curve["accuracy"], "mean"), percent(curve["accuracy"], "std")
         ax.plot(curve["rates"], mean, marker="o", ms=3, label=name)
         ax.fill_between(curve["rates"], mean - std, mean + std, alpha=0.2)
     ax.set(xlabel="test-time drop rate p", ylabel="accuracy (%)",
@@ -38,8 +43,8 @@ def subset_plot(path, report):
     x = np.arange(len(subsets))
     offset = 0.6 / max(1, len(methods))
     for k, (name, entry) in enumerate(methods.items()):
-        mean = np.array([entry["subset_accuracy"][s]["mean"] for s in subsets]) * 100
-        std = np.array([entry["subset_accuracy"][s]["std"] for s in subsets]) * 100
+        figures = [entry["subset_accuracy"][s] for s in subsets]
+        mean, std = percent(figures, "mean"), percent(figures, "std")
         ax.errorbar(x + (k - (len(methods) - 1) / 2) * offset, mean, yerr=std, fmt="o", ms=3, elinewidth=0.8,
                     label=name)
     ax.set_xticks(x, subsets, rotation=90, fontsize=6 if len(subsets) > 20 else 8)
@@ -49,6 +54,29 @@ def subset_plot(path, report):
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def corruption_plot(path, report):
+    """A panel per (modality, corruption family): accuracy vs level, one line per method."""
+    methods = report["methods"]
+    first = next(iter(methods.values()))["corruption"]
+    panels = [(name, family) for name, curves in first.items() for family in curves]
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
+    for ax, (name, family) in zip(axes.flat, panels):
+        for method, entry in methods.items():
+            curve = entry["corruption"][name][family]
+            ax.plot(curve["levels"], percent(curve["accuracy"], "mean"), marker="o", ms=2, label=method)
+        ax.set(title=f"{name}: {family}", xlabel="level", ylabel="accuracy (%)")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"{report['dataset']}: accuracy with one modality corrupted (mean over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -113,6 +141,9 @@ def write_plots(out_dir, report):
              "subset_plot": os.path.join(out_dir, "subsets.png")}
     drop_rate_plot(paths["drop_rate_plot"], report)
     subset_plot(paths["subset_plot"], report)
+    if any(entry.get("corruption") for entry in report["methods"].values()):
+        paths["corruption_plot"] = os.path.join(out_dir, "corruption.png")
+        corruption_plot(paths["corruption_plot"], report)
     histories = method_ig_histories(out_dir, report["methods"])
     if histories:
         paths["ig_plot"] = os.path.join(out_dir, "ig.png")

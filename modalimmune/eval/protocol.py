@@ -1,35 +1,57 @@
-"""``evaluate``: the DESIGN section 9 protocol on one trained model
-(docs/benchmark.md, "Protocol")."""
+"""``evaluate``: the evaluation protocol on one trained model (docs/benchmark.md,
+"Evaluation protocol")."""
 
 import torch
 
 from ..data.missing import random_present
 from ..models.base import pool
-from . import metrics
+from . import corruptions, metrics
 
 SNR_DB = (10.0, 0.0, -10.0)
 
 
 class _Cache:
     """A split's embeddings computed once; patterns and corruptions then cost only
-    fusion and head passes (or one modality's encoder for noise)."""
+    fusion and head passes (or one modality's encoder for noise). With natural
+    missingness (``batch.present``) a modality a sample lacks is never present,
+    whatever mask a pattern asks for."""
 
     def __init__(self, model, dataset, split, batch_size, device):
         self.model, self.device = model, device
         self.batches = [b.to(device) for b in dataset.batches(split, batch_size)]
         self.embeddings = [model.encode(b) for b in self.batches]
+        self.natural = [None if b.present is None else b.present.cpu() for b in self.batches]
 
     def predictions(self, present_for, embeddings=None):
-        """Predicted classes with ``present_for(batch_size, i)`` as the mask of batch i."""
+        """Predicted classes with ``present_for(batch_size, i)`` (within what the data has) as the mask
+        of batch i."""
         out = []
         for i, (batch, emb) in enumerate(zip(self.batches, embeddings or self.embeddings)):
-            present = present_for(len(batch), i).to(self.device)
-            out.append(self.model.head(self.model.fuse(emb, present, batch.masks)).argmax(-1))
+            present = present_for(len(batch), i)
+            if self.natural[i] is not None:
+                present = present & self.natural[i]
+            out.append(self.model.head(self.model.fuse(emb, present.to(self.device), batch.masks)).argmax(-1))
         return torch.cat(out)
 
-    def accuracy(self, present_for, embeddings=None):
-        labels = torch.cat([b.labels for b in self.batches])
-        return (self.predictions(present_for, embeddings) == labels).float().mean().item()
+    def labels(self):
+        return torch.cat([b.labels for b in self.batches])
+
+    def accuracy(self, present_for, embeddings=None, rows=None):
+        """Accuracy over the split, or over ``rows`` (a per-batch list of bool masks; None when no row
+        is eligible)."""
+        correct = self.predictions(present_for, embeddings) == self.labels()
+        if rows is not None:
+            correct = correct[torch.cat(rows).to(correct.device)]
+            if not len(correct):
+                return None
+        return correct.float().mean().item()
+
+    def having(self, keep):
+        """Per batch, the samples that have every modality of ``keep`` (None: all of them)."""
+        if all(n is None for n in self.natural):
+            return None
+        return [torch.ones(len(b), dtype=torch.bool) if n is None else n[:, list(keep)].all(1)
+                for b, n in zip(self.batches, self.natural)]
 
 
 def _check(model, dataset, split):
@@ -46,18 +68,26 @@ def _check(model, dataset, split):
 
 @torch.no_grad()
 def evaluate(model, dataset, split="test", seed=0, *, drop_rates=metrics.DROP_RATES, snr_db=SNR_DB,
-             reference_curve=None, batch_size=512, device=None):
-    """Accuracy of ``model`` on ``split`` of ``dataset`` under missing and noisy modalities.
+             reference_curve=None, reference_corruption=None, batch_size=512, device=None):
+    """Accuracy of ``model`` on ``split`` of ``dataset`` under missing and corrupted modalities.
 
-    Returns a dict: ``clean_accuracy``; ``subset_accuracy`` for every non-empty
-    subset of modalities (kept ones, ``a+b``); ``mean_missing_accuracy`` and
+    Returns a dict: ``clean_accuracy`` (every sample with the modalities it has) and
+    ``clean_balanced_accuracy`` (the mean recall over the classes); ``subset_accuracy``
+    for every non-empty subset of modalities (kept ones, ``a+b``), over the samples
+    that have all of them (natural missingness: a pattern a sample cannot have is
+    skipped for it; None when no sample has it); ``mean_missing_accuracy`` and
     ``worst_missing_accuracy`` over the proper subsets; ``drop_rate_curve``
     (each modality of each sample dropped with probability p, one always kept,
     masks drawn from ``seed``) with ``drop_rate_auc`` and MultiBench's
     ``relative_robustness``; ``effective_robustness`` against
     ``reference_curve`` (accuracies at the same rates, e.g. the ERM run's; None
     without one); ``noise_accuracy`` per modality and SNR (dB) of added Gaussian
-    noise; ``reconstruction_r2`` per modality when the model decodes (its pooled
+    noise; ``corruption``: per modality and corruption family the accuracy at
+    levels 0-0.9 (docs/corruptions.md), effective robustness against
+    ``reference_corruption`` (the same layout of accuracies, e.g. the ERM run's);
+    ``natural_pattern_accuracy`` (per pattern of modalities the data has: sample
+    count and clean accuracy) when the data lacks modalities, else None;
+    ``reconstruction_r2`` per modality when the model decodes (its pooled
     embedding predicted with that modality missing), else None.
     """
     _check(model, dataset, split)
@@ -70,11 +100,15 @@ def evaluate(model, dataset, split="test", seed=0, *, drop_rates=metrics.DROP_RA
         m = len(names)
         pattern = lambda keep: lambda n, i: torch.zeros(n, m, dtype=torch.bool).index_fill_(  # noqa: E731
             1, torch.tensor(keep), True)
-        subset_accuracy = {metrics.subset_name(names, s): cache.accuracy(pattern(s)) for s in metrics.subsets(names)}
+        subset_accuracy = {metrics.subset_name(names, s): cache.accuracy(pattern(s), rows=cache.having(s))
+                           for s in metrics.subsets(names)}
         mean_missing, worst_missing = metrics.missing_summary(subset_accuracy, names)
-        curve = [cache.accuracy(_drop_masks(m, rate, seed, k)) for k, rate in enumerate(drop_rates)]
+        curve = [cache.accuracy(_drop_masks(cache, m, rate, seed, k)) for k, rate in enumerate(drop_rates)]
+        everything = pattern(range(m))
+        clean = cache.predictions(everything)
         result = {
-            "clean_accuracy": subset_accuracy["+".join(names)],
+            "clean_accuracy": (clean == cache.labels()).float().mean().item(),
+            "clean_balanced_accuracy": metrics.balanced_accuracy(clean.cpu(), cache.labels().cpu()),
             "subset_accuracy": subset_accuracy,
             "mean_missing_accuracy": mean_missing,
             "worst_missing_accuracy": worst_missing,
@@ -83,7 +117,9 @@ def evaluate(model, dataset, split="test", seed=0, *, drop_rates=metrics.DROP_RA
             "relative_robustness": metrics.relative_robustness(drop_rates, curve),
             "effective_robustness": (metrics.effective_robustness(curve, reference_curve)
                                      if reference_curve is not None else None),
-            "noise_accuracy": _noise(cache, names, snr_db, seed, pattern(range(m))),
+            "noise_accuracy": _noise(cache, names, snr_db, seed, everything),
+            "corruption": corruptions.corruption_curves(cache, seed=seed, references=reference_corruption),
+            "natural_pattern_accuracy": _natural_patterns(cache, names, clean),
             "reconstruction_r2": _reconstruction(cache, names) if getattr(model, "decodes", False) else None,
         }
     finally:
@@ -91,10 +127,27 @@ def evaluate(model, dataset, split="test", seed=0, *, drop_rates=metrics.DROP_RA
     return result
 
 
-def _drop_masks(modalities, rate, seed, level):
-    """Per-batch masks from a generator fixed by (seed, level): every method sees the same patterns."""
+def _drop_masks(cache, modalities, rate, seed, level):
+    """Per-batch masks from a generator fixed by (seed, level): every method sees the same patterns
+    (drawn among the modalities each sample has)."""
     generator = torch.Generator().manual_seed(seed * 1009 + level)
-    return lambda n, i: random_present(n, modalities, rate, generator)
+    return lambda n, i: random_present(n, modalities, rate, generator, within=cache.natural[i])
+
+
+def _natural_patterns(cache, names, clean):
+    """``{pattern: {"count", "accuracy"}}`` over the samples whose data has exactly that pattern
+    (None without natural missingness)."""
+    if all(n is None for n in cache.natural):
+        return None
+    natural = torch.cat([torch.ones(len(b), len(names), dtype=torch.bool) if n is None else n
+                         for b, n in zip(cache.batches, cache.natural)])
+    correct = (clean == cache.labels()).cpu()
+    out = {}
+    for pattern in sorted({tuple(row) for row in natural.tolist()}, key=lambda p: (-sum(p), p)):
+        rows = (natural == torch.tensor(pattern)).all(1)
+        name = metrics.subset_name(names, [i for i, kept in enumerate(pattern) if kept])
+        out[name] = {"count": int(rows.sum()), "accuracy": correct[rows].float().mean().item()}
+    return out
 
 
 def _noise(cache, names, snr_db, seed, everything):

@@ -1,27 +1,33 @@
-"""Training methods: what one training step computes, as small objects the
-Trainer calls, registered by name (docs/benchmark.md, "Methods").
+"""The method layer: what one training step computes, as small objects registered
+by name (docs/method_training.md, "Methods").
 
-A method gets ``setup(model, trainer)`` once, then ``training_step(model,
-batch, ctx)`` for every micro-batch; it must leave its gradients in ``p.grad``
-through ``ctx.backward(loss)`` or ``ctx.accumulate(grads)`` (which apply the
-gradient-accumulation scale) and return a dict of floats to log, with
-``"loss"``. Its ``state_dict`` (generators, estimates) goes into checkpoints.
+A method is built from a spec (``"moddrop[p=0.3]"``), gets ``setup(model, env)``
+once with a :class:`MethodEnv` (the trainable parameters, the device, the seed and a
+source of validation batches: nothing of the trainer), then
+``training_step(model, batch, ctx)`` for every micro-batch. It leaves its gradients
+in ``p.grad`` through ``ctx.backward(loss)`` or ``ctx.accumulate(grads)`` (which
+apply the gradient-accumulation scale) and returns a dict of figures to log, with
+``"loss"``: 0-dim tensors (read to the host only when a log line is written) or
+floats. Its ``state_dict`` (generators, estimates) goes into checkpoints.
+
 A new method subclasses :class:`Method`, decorates itself with
-``@register_method("name")`` and is then usable as ``method="name[opt=value]"``
-by the Trainer, ``compare`` and the CLI.
+``@register_method("name")`` and is then usable as ``method="name[opt=value]"`` by
+the Trainer, ``compare`` and the CLI. Its options are the fields of a frozen
+dataclass ``Options`` (validated once, in its ``__post_init__``) or, for a small
+method, the keyword arguments of its ``__init__``.
 """
 
+import dataclasses
 import inspect
-import math
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from ..data.missing import random_present
+from .. import distributed
 from ..models.base import pool
-from . import distributed
 
 METHODS = {}
 
@@ -62,7 +68,7 @@ def parse_method(spec):
     for item in filter(str.strip, (body or "").split(",")):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"method: option {item.strip()!r} in {spec!r} is not key=value")
+            raise ValueError(f"method: expected key=value options in {spec!r}, got {item.strip()!r}")
         options[key.strip()] = _parse_value(value)
     return name, options
 
@@ -72,21 +78,46 @@ def split_methods(text):
     return [part.strip() for part in re.split(r",(?![^\[]*\])", text) if part.strip()]
 
 
+def option_defaults(cls):
+    """``{option: default}`` of a method class: its ``Options`` fields, else its ``__init__`` keywords."""
+    if dataclasses.is_dataclass(getattr(cls, "Options", None)):
+        return {f.name: f.default for f in dataclasses.fields(cls.Options)}
+    parameters = inspect.signature(cls.__init__).parameters
+    return {k: p.default for k, p in parameters.items() if k != "self"}
+
+
+def option_label(method, option):
+    """The argument name of a method option in errors: ``method moddrop option p``."""
+    return f"method {method} option {option}"
+
+
 def build_method(spec):
+    """The method a spec names, its options checked (unknown names and bad values raise)."""
     name, options = parse_method(spec)
     if name not in METHODS:
-        raise ValueError(f"method: unknown {name!r}; expected one of {', '.join(sorted(METHODS))}")
-    accepted = inspect.signature(METHODS[name].__init__).parameters
+        raise ValueError(f"method: expected one of {', '.join(sorted(METHODS))}, got {name!r}")
+    defaults = option_defaults(METHODS[name])
     for key, value in options.items():
-        if key not in accepted or key == "self":
-            raise ValueError(f"method: {name} has no option {key!r}; its options: "
-                             f"{', '.join(k for k in accepted if k != 'self') or 'none'}")
+        if key not in defaults:
+            raise ValueError(f"method: {name} has no option {key!r}; its options: {', '.join(defaults) or 'none'}")
         # an option whose default is a bool also takes on/off/yes/no; "off" stays a word elsewhere
-        if isinstance(accepted[key].default, bool) and isinstance(value, str):
+        if isinstance(defaults[key], bool) and isinstance(value, str):
             if value.lower() not in _BOOL_WORDS:
-                raise ValueError(f"method: {name} option {key!r} expects a bool (true/false/on/off), got {value!r}")
+                raise ValueError(f"{option_label(name, key)}: expected true/false/on/off, got {value!r}")
             options[key] = _BOOL_WORDS[value.lower()]
     return METHODS[name](**options)
+
+
+@dataclass(frozen=True)
+class MethodEnv:
+    """What a method is set up with: the trainable parameters (in the order of every gradient
+    list), their device, the run's seed, and ``validation_batch()``, which returns the next
+    validation :class:`~modalimmune.data.Batch` on ``device`` (None: the method gets none)."""
+
+    params: list
+    device: torch.device
+    seed: int = 0
+    validation_batch: Callable | None = None
 
 
 @dataclass
@@ -139,9 +170,14 @@ class StepContext:
 
     def accumulate(self, grads):
         """Adds ``loss_scale * grads`` into ``p.grad`` (the one place gradients land)."""
-        for p, g in zip(self.params, grads):
-            g = g.detach() * self.loss_scale
-            p.grad = g if p.grad is None else p.grad.add_(g)
+        accumulate_grads(self.params, grads, self.loss_scale)
+
+
+def accumulate_grads(params, grads, scale=1.0):
+    """``p.grad += scale * g`` for each pair (``p.grad`` created where None), as ``backward`` would."""
+    for p, g in zip(params, grads):
+        g = g.detach() * scale
+        p.grad = g if p.grad is None else p.grad.add_(g)
 
 
 @dataclass
@@ -173,105 +209,22 @@ class Method:
     name = None
     reduces_gradients = False  # True: the method combines the ranks' gradients itself (ctx.reduce_mean)
 
-    def setup(self, model, trainer):
-        device = next(model.parameters()).device
-        self.generator = torch.Generator(device=device).manual_seed(trainer.config.seed + 7919)
+    def check(self, modalities):
+        """Refuses, before any work, options that cannot serve these modalities (ValueError)."""
+
+    def setup(self, model, env):
+        self.generator = torch.Generator(device=env.device).manual_seed(env.seed + 7919)
 
     def training_step(self, model, batch, ctx):
         raise NotImplementedError
+
+    def finish_step(self, applied):
+        """Called once per optimizer step, after its micro-batches: ``applied`` False when the step was
+        skipped (a non-finite loss or gradient), and a method then undoes what the step changed in its
+        state (estimates, curvature, loss weights; its generators run on)."""
 
     def state_dict(self):
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state):
         self.generator.set_state(state["generator"])
-
-
-@register_method("erm")
-class ERM(Method):
-    """Plain training on complete samples."""
-
-    def training_step(self, model, batch, ctx):
-        out = forward(model, batch, rec_weight=ctx.rec_weight)
-        ctx.backward(out.loss)
-        return {"loss": out.loss.item()}
-
-
-@register_method("moddrop")
-class ModDrop(Method):
-    """Each modality of each training sample removed with probability ``p``
-    (at least one kept), the model's missing-modality handling standing in."""
-
-    def __init__(self, p=0.5):
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
-            raise ValueError(f"method: moddrop option p must be a probability in [0, 1), got {p!r}")
-        self.p = float(p)
-
-    def training_step(self, model, batch, ctx):
-        present = random_present(len(batch), len(model.modalities), self.p, self.generator, batch.labels.device)
-        out = forward(model, batch, present, rec_weight=ctx.rec_weight)
-        ctx.backward(out.loss)
-        return {"loss": out.loss.item(), "kept_fraction": present.float().mean().item()}
-
-
-def ogm_coefficients(scores, alpha):
-    """OGM's modulation coefficients for M modalities (docs/benchmark.md): with
-    ``rho_m = s_m / mean_{j != m} s_j``, ``k_m = 1 - tanh(alpha * rho_m)`` when
-    ``rho_m > 1`` (the modality leads the others), else 1. For M = 2 this is
-    Peng et al.'s rule."""
-    scores = torch.as_tensor(scores, dtype=torch.float64)
-    others = (scores.sum() - scores) / (len(scores) - 1)
-    ratio = scores / others.clamp_min(1e-12)
-    return torch.where(ratio > 1, 1 - torch.tanh(alpha * ratio), torch.ones_like(ratio))
-
-
-@register_method("ogm_ge")
-class OGMGE(Method):
-    """On-the-fly gradient modulation with generalisation enhancement (Peng et al.,
-    CVPR 2022), generalised to M modalities: the encoder gradients of a modality
-    that predicts better on its own than the others are scaled down, and Gaussian
-    noise with the gradient's own standard deviation is added (GE)."""
-
-    def __init__(self, alpha=0.5, ge=True, start_epoch=0, end_epoch=-1):
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
-            raise ValueError(f"method: ogm_ge option alpha must be a number >= 0, got {alpha!r}")
-        if not isinstance(ge, bool):
-            raise ValueError(f"method: ogm_ge option ge must be true or false, got {ge!r}")
-        self.alpha, self.ge, self.start_epoch, self.end_epoch = float(alpha), ge, int(start_epoch), int(end_epoch)
-
-    def setup(self, model, trainer):
-        super().setup(model, trainer)
-        if not hasattr(model, "modality_parameters"):
-            raise TypeError("model: ogm_ge needs model.modality_parameters(name) (the encoder of each modality)")
-        position = {id(p): i for i, p in enumerate(trainer.params)}
-        self.groups = [[position[id(p)] for p in model.modality_parameters(m) if id(p) in position]
-                       for m in model.modalities]
-
-    def unimodal_scores(self, model, out, batch):
-        """Per modality: the summed probability of the true class with only that modality present."""
-        embeddings = {k: v.detach() for k, v in out.embeddings.items()}
-        scores = []
-        with torch.no_grad():
-            for i in range(len(model.modalities)):
-                present = torch.zeros_like(out.present)
-                present[:, i] = True
-                probs = model.head(model.fuse(embeddings, present, batch.masks)).float().softmax(-1)
-                scores.append(probs.gather(1, batch.labels[:, None]).sum().item())
-        return distributed.sum_floats(scores)  # the whole batch's scores under torchrun
-
-    def training_step(self, model, batch, ctx):
-        out = forward(model, batch, rec_weight=ctx.rec_weight)
-        coefficients = ogm_coefficients(self.unimodal_scores(model, out, batch), self.alpha)
-        grads = ctx.grads(out.loss)
-        if ctx.epoch >= self.start_epoch and (self.end_epoch < 0 or ctx.epoch <= self.end_epoch):
-            for coefficient, group in zip(coefficients.tolist(), self.groups):
-                for i in group:
-                    g = grads[i] * coefficient
-                    if self.ge and g.ndim >= 2:
-                        noise = torch.randn(g.shape, generator=self.generator, device=g.device, dtype=g.dtype)
-                        g = g + noise * (grads[i].std() + 1e-8)
-                    grads[i] = g
-        ctx.accumulate(grads)
-        logs = {"loss": out.loss.item()}
-        logs.update({f"ogm_coeff/{m}": c for m, c in zip(model.modalities, coefficients.tolist())})
-        return logs

@@ -1,4 +1,4 @@
-"""Ready models following the DESIGN section 1 contract, built by name."""
+"""Ready models following the model contract (docs/benchmark.md, "Models"), built by name."""
 
 from .base import ModalImmuneModel, pool
 from .late_fusion import LateFusionMLP

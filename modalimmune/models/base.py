@@ -1,4 +1,4 @@
-"""The model contract of DESIGN section 1 (docs/benchmark.md, "Models").
+"""The model contract (docs/benchmark.md, "Models").
 
 A model has named modalities and
 - ``encode(batch) -> {name: Z}``, ``Z`` ``(B, d)`` pooled or ``(B, T, d)`` tokens;
@@ -6,7 +6,10 @@ A model has named modalities and
   ``(B, M)`` bool mask in ``modalities`` order, ``masks`` the token masks of
   token embeddings (``batch.masks``);
 - ``head(H) -> logits`` and optionally ``decode(H) -> {name: Ẑ}``, the pooled
-  embedding of each modality reconstructed from the joint one.
+  embedding of each modality reconstructed from the joint one;
+- ``all_present(batch) -> present``: the ``(B, M)`` mask of the batch as it comes,
+  which every method and the validation start from (here: the batch's own
+  ``present`` when its data lacks modalities, else all true).
 """
 
 import torch
@@ -60,6 +63,8 @@ class ModalImmuneModel(nn.Module):
         return {name: decoder(joint) for name, decoder in self.decoders.items()}
 
     def all_present(self, batch):
+        if batch.present is not None:  # natural missingness: the data says which modalities each sample has
+            return batch.present
         return torch.ones(len(batch), len(self.modalities), dtype=torch.bool, device=batch.labels.device)
 
     def forward(self, batch, present=None):

@@ -1,9 +1,8 @@
-"""Trainer, its config, checkpoints and the registry of training methods."""
+"""Trainer, its config and checkpoints (the methods it runs: ``modalimmune.methods``)."""
 
-from . import checkpoint, distributed
+from . import checkpoint
 from .config import TrainConfig
-from .methods import METHODS, Method, StepContext, build_method, parse_method, register_method
-from .trainer import NonFiniteError, Trainer, load_model, seed_everything
+from .trainer import PREEMPTED_EXIT_CODE, NonFiniteError, Preempted, SplitCycle, Trainer, load_model, seed_everything
 
-__all__ = ["checkpoint", "distributed", "NonFiniteError", "TrainConfig", "METHODS", "Method", "StepContext", "build_method", "parse_method",
-           "register_method", "Trainer", "load_model", "seed_everything"]
+__all__ = ["checkpoint", "PREEMPTED_EXIT_CODE", "NonFiniteError", "Preempted", "SplitCycle", "TrainConfig", "Trainer",
+           "load_model", "seed_everything"]

@@ -27,7 +27,7 @@ VAL_DROP = 0.5
 @dataclass
 class TrainConfig:
     """``method`` is a method name with optional options, ``"moddrop[p=0.3]"``
-    (see :func:`modalimmune.train.methods.parse_method`)."""
+    (see :func:`modalimmune.methods.parse_method`)."""
 
     method: str = "erm"
     epochs: int = 40

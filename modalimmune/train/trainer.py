@@ -6,11 +6,14 @@ non-finite steps (docs/distributed.md)."""
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 import warnings
 
@@ -18,10 +21,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, distributed
+from .. import distributed
 from ..data.missing import random_present
+from ..methods import MethodRunner, build_method
+from . import checkpoint
 from .config import VAL_DROP, TrainConfig
-from .methods import StepContext, build_method
 
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
@@ -36,6 +40,31 @@ def seed_everything(seed):
 
 class NonFiniteError(RuntimeError):
     """Training met too many non-finite losses or gradients in a row."""
+
+
+class Preempted(RuntimeError):
+    """Training stopped at a step boundary on SIGTERM, after writing its checkpoint."""
+
+
+PREEMPTED_EXIT_CODE = 75  # the CLI's exit status after a SIGTERM stop (EX_TEMPFAIL: run it again to resume)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm(trainer):
+    """While training: SIGTERM (what schedulers send before killing a job) asks the trainer to stop
+    at the next optimizer-step boundary (``trainer._stop_requested``; after the last step it has no
+    effect); outside the main thread, a no-op. The previous handler comes back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request_stop(signum, frame):
+        trainer._stop_requested = True
+    previous = signal.signal(signal.SIGTERM, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def resolve_device(device):
@@ -98,11 +127,63 @@ class MetricsLog:
             os.unlink(self.path)
 
 
+class SplitCycle:
+    """``next()`` of a split's batches, cycled: each pass over the split in a fresh order (a function
+    of ``seed`` and the pass only), moved to ``device``. Its position is part of the checkpoint. The
+    Trainer gives one over the validation split to its method (``MethodEnv.validation_batch``)."""
+
+    def __init__(self, dataset, split, batch_size, seed, device):
+        self.dataset, self.split, self.batch_size, self.seed, self.device = dataset, split, batch_size, seed, device
+        self.cursor, self.passes = 0, 0
+
+    def __call__(self):
+        index = self.dataset.indices(self.split)
+        if self.cursor >= len(index):
+            self.cursor, self.passes = 0, self.passes + 1
+        order = torch.randperm(len(index), generator=torch.Generator().manual_seed(self.seed + self.passes))
+        batch = self.dataset.batch(index[order[self.cursor:self.cursor + self.batch_size]]).to(self.device)
+        self.cursor += self.batch_size
+        return batch
+
+    def state_dict(self):
+        return {"cursor": self.cursor, "passes": self.passes}
+
+    def load_state_dict(self, state):
+        self.cursor, self.passes = int(state["cursor"]), int(state["passes"])
+
+
+def host_floats(records):
+    """``records`` (dicts of 0-dim tensors and floats) with every value a Python float, read with one
+    device-to-host copy per device: the one place a step's logs reach the host."""
+    tensors = {}
+    for i, record in enumerate(records):
+        for key, value in record.items():
+            if isinstance(value, torch.Tensor):
+                tensors.setdefault(value.device, []).append((i, key, value))
+    out = [dict(record) for record in records]
+    for items in tensors.values():
+        values = torch.stack([v.detach().reshape(()).double() for _, _, v in items]).tolist()
+        for (i, key, _), value in zip(items, values):
+            out[i][key] = value
+    return out
+
+
+MODEL_METHODS = ("encode", "fuse", "head", "all_present", "parameters")
+# TrainConfig fields a resumed run may change (they do not change what is computed)
+RESUMABLE_CHANGES = ("progress", "checkpoint_every", "log_every", "max_nonfinite_steps", "device")
+
+
+def dataset_signature(dataset):
+    """What identifies a dataset to a checkpoint: its name, modalities, classes and split sizes."""
+    return {"name": dataset.name, "modalities": list(dataset.modalities), "num_classes": dataset.num_classes,
+            "splits": {split: dataset.split_size(split) for split in ("train", "val", "test")}}
+
+
 def _check_model(model, dataset):
-    for name in ("encode", "fuse", "head", "parameters"):
+    for name in MODEL_METHODS:
         if not callable(getattr(model, name, None)):
-            raise TypeError(f"model: expected a module with encode, fuse and head (DESIGN section 1); "
-                            f"{type(model).__name__} has no {name}()")
+            raise TypeError(f"model: expected a module with {', '.join(MODEL_METHODS[:-1])} "
+                            f"(docs/benchmark.md, \"Models\"), got {type(model).__name__} without {name}()")
     modalities = tuple(getattr(model, "modalities", ()))
     if modalities != tuple(dataset.modalities):
         raise ValueError(f"model: its modalities {list(modalities)} differ from the dataset's "
@@ -112,9 +193,10 @@ def _check_model(model, dataset):
 class Trainer:
     """Trains ``model`` on ``dataset`` with ``config`` (a TrainConfig, or its
     fields as keyword arguments). With ``out_dir``, writes ``metrics.jsonl``,
-    and, when ``checkpoints``, ``checkpoint.pt`` and the final ``model.pt``."""
+    and, when ``checkpoints``, ``checkpoint.pt`` and the final ``model.pt``; a
+    fresh run refuses an ``out_dir`` that holds a run unless ``overwrite``."""
 
-    def __init__(self, model, dataset, config=None, *, out_dir=None, checkpoints=True, **fields):
+    def __init__(self, model, dataset, config=None, *, out_dir=None, checkpoints=True, overwrite=False, **fields):
         if config is not None and fields:
             raise ValueError(f"config: give a TrainConfig or its fields, not both ({', '.join(fields)})")
         config = config if config is not None else TrainConfig(**fields)
@@ -122,7 +204,9 @@ class Trainer:
             raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
         _check_model(model, dataset)
         self.config, self.dataset, self.out_dir, self.checkpoints = config, dataset, out_dir, checkpoints
+        self.overwrite = overwrite
         self.method = build_method(config.method)
+        self.method.check(dataset.modalities)
         self.device = resolve_device(config.device)
         self.bf16 = resolve_bf16(config.bf16, self.device)
         self.model = model.to(self.device)
@@ -133,13 +217,17 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(self.total_steps, config.warmup_fraction))
+        self._stop_requested = False
         self.state = {"epoch": 0, "batch": 0, "step": 0, "best_accuracy": -1.0, "best_epoch": -1,
                       "bad_epochs": 0, "done": False, "nonfinite_total": 0, "nonfinite_run": 0}
         self.best_model = None
+        self.validation_cycle = SplitCycle(dataset, "val", config.batch_size, config.seed + 32452843, self.device)
+        self.runner = MethodRunner(self.method, self.model, self.params, seed=config.seed,
+                                   validation_batch=self.validation_cycle, grad_accum=config.grad_accum,
+                                   rec_weight=config.rec_weight, epochs=config.epochs)
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
         self.metrics = MetricsLog(os.path.join(out_dir, METRICS) if out_dir else None)
-        self.method.setup(self.model, self)
 
     # -- pieces a method or a subclass may use ------------------------------------------------
     def autocast(self):
@@ -168,7 +256,8 @@ class Trainer:
                 embeddings = model.encode(batch)  # once: the missing patterns reuse them
                 logits = model.head(model.fuse(embeddings, model.all_present(batch), batch.masks)).float()
                 if robust:
-                    present = random_present(len(batch), len(self.dataset.modalities), VAL_DROP, patterns)
+                    present = random_present(len(batch), len(self.dataset.modalities), VAL_DROP, patterns,
+                                             within=None if batch.present is None else batch.present.cpu())
                     missing = model.head(model.fuse(embeddings, present.to(self.device), batch.masks)).float()
                     missing_correct += (missing.argmax(-1) == batch.labels).sum().item()
             loss += torch.nn.functional.cross_entropy(logits, batch.labels, reduction="sum").item()
@@ -191,6 +280,7 @@ class Trainer:
             torch.distributed.all_gather_object(ranks, rng)
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "method": self.method.state_dict(),
+                "validation_cycle": self.validation_cycle.state_dict(), "dataset": dataset_signature(self.dataset),
                 "trainer": dict(self.state), "best_model": self.best_model, "rng": rng, "rng_ranks": ranks,
                 "world_size": distributed.world_size(), "metrics_bytes": self.metrics.size(),
                 "config": self.config.to_dict()}
@@ -204,17 +294,13 @@ class Trainer:
     def load_checkpoint(self, path):
         """Loads ``path``, or its ``.prev`` (with a warning) when ``path`` is truncated or corrupted."""
         state, path = checkpoint.load_latest(path, ("model", "optimizer", "scheduler", "method", "trainer", "rng",
-                                                   "config"))
-        saved = TrainConfig.from_dict(state["config"])
-        differs = [k for k in ("method", "seed", "batch_size", "grad_accum", "epochs")
-                   if getattr(saved, k) != getattr(self.config, k)]
-        if differs:
-            raise ValueError(f"checkpoint: {path} was written with another {', '.join(differs)} "
-                             f"({', '.join(f'{k}={getattr(saved, k)!r}' for k in differs)})")
+                                                   "config", "dataset", "validation_cycle"))
+        self._check_resumable(path, state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.method.load_state_dict(state["method"])
+        self.validation_cycle.load_state_dict(state["validation_cycle"])
         self.state = {"nonfinite_total": 0, "nonfinite_run": 0, **state["trainer"]}
         self.best_model = state["best_model"]
         ranks = state.get("rng_ranks") or [state["rng"]]
@@ -224,6 +310,28 @@ class Trainer:
                           RuntimeWarning, stacklevel=2)
         checkpoint.set_rng_state(ranks[distributed.rank()] if len(ranks) == distributed.world_size() else ranks[0])
         self.metrics.truncate(state.get("metrics_bytes", self.metrics.size()))
+
+    def _check_resumable(self, path, state):
+        """Refuses (before anything is loaded) a checkpoint of another run: another dataset, a model
+        whose weights do not fit, or another setting outside ``RESUMABLE_CHANGES``."""
+        saved = TrainConfig.from_dict(state["config"])
+        differs = [f.name for f in dataclasses.fields(TrainConfig)
+                   if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(self.config, f.name)]
+        if differs:
+            raise ValueError(f"checkpoint: {path} was written with another {', '.join(differs)} "
+                             f"({', '.join(f'{k}={getattr(saved, k)!r}' for k in differs)}; this run: "
+                             f"{', '.join(f'{k}={getattr(self.config, k)!r}' for k in differs)}); a resumed run "
+                             f"keeps its settings, except {', '.join(RESUMABLE_CHANGES)}")
+        ours = dataset_signature(self.dataset)
+        if state["dataset"] != ours:
+            raise ValueError(f"checkpoint: {path} was trained on another dataset ({state['dataset']}); "
+                             f"this run has {ours}")
+        theirs = {k: tuple(v.shape) for k, v in state["model"].items()}
+        mine = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        if theirs != mine:
+            odd = sorted(set(theirs.items()) ^ set(mine.items()))[:3]
+            raise ValueError(f"checkpoint: {path} holds the weights of another model (first differences, "
+                             f"name and shape: {odd})")
 
     def export(self, path=None):
         """The final model (best validation weights) with what rebuilds it (rank 0 writes)."""
@@ -235,7 +343,8 @@ class Trainer:
         state = {"model": self.model.state_dict(), "model_name": model_name(self.model),
                  "model_options": dict(getattr(self.model, "config", {})),
                  "modalities": list(self.dataset.modalities), "num_classes": self.dataset.num_classes,
-                 "dataset": self.dataset.name, "config": self.config.to_dict(),
+                 "dataset": self.dataset.name, "dataset_source": getattr(self.dataset, "source", None),
+                 "config": self.config.to_dict(),
                  "best_val_accuracy": self.state["best_accuracy"]}
         checkpoint.save(path or os.path.join(self.out_dir, MODEL), state)
 
@@ -251,29 +360,43 @@ class Trainer:
         if path and (os.path.exists(path) or os.path.exists(checkpoint.previous_path(path)) or resume is not True):
             self.load_checkpoint(path)
         else:
+            self._check_fresh_out_dir(resume)
             seed_everything(self.config.seed)
             self.metrics.reset()
+        self._stop_requested = False
         started = time.perf_counter()
         config, state = self.config, self.state
         bar = tqdm(total=self.total_steps, initial=state["step"], desc=config.method, unit="step",
                    disable=not config.progress or not sys.stderr.isatty(), leave=False)
         self.model.train()
-        try:
-            while not state["done"] and state["epoch"] < config.epochs:
-                if max_steps is not None and state["step"] >= max_steps:
-                    break
-                self._run_epoch(bar, max_steps)
-        finally:
-            bar.close()
-        finished = state["done"] or state["epoch"] >= config.epochs
-        if finished and self.best_model is not None:
-            self.model.load_state_dict(self.best_model)
-        if finished and self.out_dir and self.checkpoints:
-            self.export()
+        with stop_on_sigterm(self):  # also over the export: a late SIGTERM lets it finish
+            try:
+                while not state["done"] and state["epoch"] < config.epochs:
+                    if max_steps is not None and state["step"] >= max_steps:
+                        break
+                    self._run_epoch(bar, max_steps)
+            finally:
+                bar.close()
+            finished = state["done"] or state["epoch"] >= config.epochs
+            if finished and self.best_model is not None:
+                self.model.load_state_dict(self.best_model)
+            if finished and self.out_dir and self.checkpoints:
+                self.export()
         return {"finished": finished, "steps": state["step"], "epochs": state["epoch"],
                 "best_val_accuracy": state["best_accuracy"], "best_epoch": state["best_epoch"],
                 "stopped_early": state["done"] and state["epoch"] < config.epochs,
                 "seconds": time.perf_counter() - started}
+
+    def _check_fresh_out_dir(self, resume):
+        """A fresh run (no ``resume``) never replaces the files of a run already in ``out_dir`` (a trainer
+        that has trained continues where it stands)."""
+        if resume or self.overwrite or not self.out_dir or self.state["step"] > 0:
+            return
+        held = [name for name in (CHECKPOINT, METRICS, MODEL) if os.path.exists(os.path.join(self.out_dir, name))]
+        if held:
+            raise FileExistsError(f"out_dir: expected a folder without a run, got {self.out_dir} holding "
+                                  f"{', '.join(held)}; continue it with resume=True (--resume) or replace it "
+                                  "with overwrite=True (--overwrite)")
 
     def _run_epoch(self, bar, max_steps):
         config, state = self.config, self.state
@@ -284,24 +407,23 @@ class Trainer:
         while state["batch"] < len(chunks):
             group = chunks[state["batch"]:state["batch"] + config.grad_accum]
             self.optimizer.zero_grad(set_to_none=True)
+            self.runner.step, self.runner.epoch = state["step"], epoch
             logs, weights = [], []
             for chunk in group:
                 rows = distributed.shard_rows(len(chunk))  # this rank's part of the batch
                 local = chunk[rows]
                 weight = len(local) / len(chunk)  # its share of the batch mean
-                ctx = StepContext(self.params, (1.0 if reduces else weight) / len(group), state["step"], epoch,
-                                  config.epochs, config.rec_weight, rows=rows, global_rows=len(chunk))
                 batch = self.dataset.batch(index[local]).to(self.device)
                 with self.autocast():
-                    logs.append(self.method.training_step(self.model, batch, ctx))
+                    logs.append(self.runner(batch, share=(1.0 if reduces else weight) / len(group), rows=rows,
+                                            global_rows=len(chunk)))
                 weights.append(weight)
-            finite_loss = all(math.isfinite(d["loss"]) for d in logs)
-            self._apply_step(finite_loss, reduce=not reduces)
+            stop = self._apply_step([d["loss"] for d in logs], reduce=not reduces)
             state["batch"] += len(group)
             state["step"] += 1
             bar.update(1)
             if state["step"] % config.log_every == 0:
-                keys = list(logs[0])
+                logs, keys = host_floats(logs), list(logs[0])
                 means = distributed.sum_floats([sum(w * d[k] for w, d in zip(weights, logs)) / len(logs)
                                                 for k in keys])
                 record = dict(zip(keys, means), nonfinite_skipped=state["nonfinite_total"])
@@ -310,36 +432,51 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['loss']:.3f}")
             if state["nonfinite_run"] and state["nonfinite_run"] >= config.max_nonfinite_steps > 0:
                 self._stop_nonfinite()
-            if self._checkpoint_due():
+            if self._checkpoint_due() or stop:
                 self.save_checkpoint()
+            if stop:
+                self._stop_preempted()
             if max_steps is not None and state["step"] >= max_steps:
                 return
         self._end_epoch()
 
-    def _apply_step(self, finite_loss=True, reduce=True):
+    def _apply_step(self, losses, reduce=True):
         """The one place gradients are combined across ranks and applied: sums the
         ranks' shares (``reduce``; a method with ``reduces_gradients`` did it already),
-        clips, and steps, unless a loss or a gradient is not finite on some rank: then
-        the step is skipped (parameters and optimizer untouched) and counted."""
+        clips, and steps, unless a loss (of the micro-batches' ``losses``: tensors or floats)
+        or a gradient is not finite on some rank: then the step is skipped (parameters and
+        optimizer untouched) and counted. Its one host sync is that decision."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         for p, g in zip(self.params, grads):
             p.grad = g
         if reduce:
             distributed.all_reduce_sum(grads)
-        flag = torch.tensor([0.0 if finite_loss else 1.0], device=self.device)
-        distributed.all_reduce_max(flag)
+        losses = torch.stack([torch.as_tensor(loss).detach().to(self.device, torch.float64).reshape(())
+                              for loss in losses])
+        # (some loss not finite, a stop asked for): every rank decides alike
+        flags = torch.stack([(~torch.isfinite(losses)).any().float(),
+                             torch.tensor(float(self._stop_requested), device=self.device)])
+        distributed.all_reduce_max(flags)
         if self.config.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         else:
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
-        if flag.item() or not math.isfinite(norm.item()):
+        skip, stop = torch.stack([(flags[0] > 0) | ~torch.isfinite(norm), flags[1] > 0]).tolist()
+        if skip:
             self.optimizer.zero_grad(set_to_none=True)
             self.state["nonfinite_total"] += 1
             self.state["nonfinite_run"] += 1
         else:
             self.optimizer.step()
             self.state["nonfinite_run"] = 0
+        self.runner.finish(not skip)
         self.scheduler.step()
+        return stop
+
+    def _stop_preempted(self):
+        where = (f"{os.path.join(self.out_dir, CHECKPOINT)} holds it; continue with resume=True (--resume)"
+                 if self.out_dir and self.checkpoints else "nothing was saved (no out_dir)")
+        raise Preempted(f"training: stopped by SIGTERM after optimizer step {self.state['step']}; {where}")
 
     def _stop_nonfinite(self):
         """Saves the last good state (no skipped step touched the parameters) and stops."""

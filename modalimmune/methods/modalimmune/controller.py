@@ -9,7 +9,8 @@ knocked out (collapsed at strength 1, which the method realises as removal:
     IG_m = E_x KL(p(y|x) || p(y|x with m knocked out)),
 
 measured from cached embeddings (the M copies with one modality removed go
-through fusion and head in one stacked pass, in eval mode; no encoder re-run) and tracked as an EMA with a count. With ``estimator="shapley"``
+through fusion and head in one stacked pass, in eval mode; no encoder re-run) and tracked as an
+EMA with a count. With ``estimator="shapley"``
 (M <= 5) the estimate is instead the exact Shapley value of
 ``v(S) = -E KL(p(y|x) || p(y|x_S))`` from the 2^M coalitions. The target is drawn from
 
@@ -31,18 +32,21 @@ import math
 
 import torch
 
-from ..ops import _validate
-from ..train import distributed
+from ... import checks, distributed
 
 ESTIMATORS = ("ig", "shapley", "uniform")
 MAX_SHAPLEY_MODALITIES = 5
 MAX_JOINT_SETS = 256  # the joint estimator's measurement is one pass over this many copies of the batch
 
 
-def _kl(log_p, log_q):
+def _kl(log_p, log_q, weights=None):
     """Mean over the batch (dimension -2) of KL(p || q) from log-probabilities; ``log_q`` may hold
-    several variants stacked in front."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1).mean(-1)
+    several variants stacked in front. ``weights`` (variants, batch) bool: the mean over the samples
+    each variant counts (empty: 0)."""
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    if weights is None:
+        return kl.mean(-1)
+    return (kl * weights).sum(-1) / weights.sum(-1).clamp_min(1)
 
 
 @torch.no_grad()
@@ -69,14 +73,20 @@ def _variant_predictions(model, embeddings, present, masks, variants):
     return log_p[0], log_p[1:]
 
 
-def information_gain(model, embeddings, present, masks=None, target_sets=None):
+def information_gain(model, embeddings, present, masks=None, target_sets=None, natural=False):
     """``IG_S`` on one batch for every set S of modality indices in ``target_sets`` (default: each
-    modality alone, ``IG_m``), the modalities of S removed together: a float64 tensor."""
+    modality alone, ``IG_m``), the modalities of S removed together: a float64 tensor. With
+    ``natural`` (``present`` comes from the data, some samples lack modalities) each ``IG_S`` is the
+    mean over the samples that have a modality of S: removing what a sample lacks measures nothing."""
     M = len(model.modalities)
     target_sets = [{m} for m in range(M)] if target_sets is None else target_sets
     full, knocked = _variant_predictions(model, embeddings, present, masks,
                                          [set(range(M)) - set(s) for s in target_sets])
-    return _kl(full, knocked).double().cpu()
+    weights = None
+    if natural:
+        members = torch.tensor([[m in s for m in range(M)] for s in target_sets], device=present.device)
+        weights = (members[:, None, :] & present[None]).any(-1)
+    return _kl(full, knocked, weights).double().cpu()
 
 
 def coalition_values(model, embeddings, present, masks=None):
@@ -134,21 +144,21 @@ class InfoGainController:
         self.modalities = tuple(modalities)
         if not self.modalities:
             raise ValueError("modalities: expected at least one modality")
-        self.estimator = _validate.choice("estimator", estimator, ESTIMATORS)
+        self.estimator = checks.choice("estimator", estimator, ESTIMATORS)
         if estimator == "shapley" and len(self.modalities) > MAX_SHAPLEY_MODALITIES:
             raise ValueError(f"estimator: 'shapley' needs M <= {MAX_SHAPLEY_MODALITIES} modalities, "
                              f"got {len(self.modalities)}")
-        self.temperature = _validate.finite_float("temperature", temperature, 0.0)
+        self.temperature = checks.number("temperature", temperature, 0.0)
         if self.temperature == 0:
             raise ValueError("temperature: expected a value > 0, got 0.0")
-        self.epsilon = _validate.finite_float("epsilon", epsilon, 0.0, 1.0)
-        self.s_min = _validate.finite_float("s_min", s_min, 0.0, 1.0)
-        self.s_max = _validate.finite_float("s_max", s_max, self.s_min, 1.0)
-        self.momentum = _validate.finite_float("momentum", momentum, 0.0, 1.0, high_open=True)
+        self.epsilon = checks.number("epsilon", epsilon, 0.0, 1.0)
+        self.s_min = checks.number("s_min", s_min, 0.0, 1.0)
+        self.s_max = checks.number("s_max", s_max, self.s_min, 1.0)
+        self.momentum = checks.number("momentum", momentum, 0.0, 1.0, high_open=True)
         if isinstance(max_targets, bool) or not isinstance(max_targets, int) or max_targets < 1:
             raise ValueError(f"max_targets: expected an int >= 1, got {max_targets!r}")
         self.max_targets = min(max_targets, max(1, len(self.modalities) - 1))
-        self.budget = None if budget is None else _validate.finite_float("budget", budget, 0.0)
+        self.budget = None if budget is None else checks.number("budget", budget, 0.0)
         if not isinstance(joint, bool):
             raise ValueError(f"joint: expected true or false, got {joint!r}")
         self.joint = joint and self.estimator == "ig" and self.max_targets > 1
@@ -166,16 +176,18 @@ class InfoGainController:
         self.estimates = torch.zeros(len(self.target_sets), dtype=torch.float64)
         self.counts = torch.zeros(len(self.target_sets), dtype=torch.int64)
         self.generator = torch.Generator().manual_seed(seed)
+        self._before_step = None  # (estimates, counts) before the current optimizer step
 
     # -- estimates ------------------------------------------------------------------------------
-    def measure(self, model, embeddings, present, masks=None):
+    def measure(self, model, embeddings, present, masks=None, natural=False):
         """This batch's estimate per target set (float64, one per ``target_sets``: per modality
         unless ``joint``); under data parallelism the whole batch's (the ranks' batch means
-        weighted by their sample counts)."""
+        weighted by their sample counts). ``natural``: ``present`` is the data's (see
+        :func:`information_gain`)."""
         if self.estimator == "shapley":
             values = shapley_values(model, embeddings, present, masks)
         else:
-            values = information_gain(model, embeddings, present, masks, self.target_sets)
+            values = information_gain(model, embeddings, present, masks, self.target_sets, natural)
         return distributed.batch_mean(values, present.shape[0], present.device)
 
     def update(self, values, which=None):
@@ -185,18 +197,34 @@ class InfoGainController:
             raise ValueError(f"values: expected {len(self.target_sets)} finite estimates, got {values.tolist()}")
         chosen = torch.zeros(len(self.target_sets), dtype=torch.bool)
         chosen[list(range(len(self.target_sets))) if which is None else list(which)] = True
+        self._fold(values, chosen)
+
+    def _fold(self, values, chosen):
+        self._journal()
         first = chosen & (self.counts == 0)
         blended = self.momentum * self.estimates + (1 - self.momentum) * values
         self.estimates = torch.where(first, values, torch.where(chosen, blended, self.estimates))
         self.counts += chosen.long()
 
-    def observe(self, model, embeddings, present, masks=None):
-        """Measures this batch (no gradients) and updates the EMAs; returns the batch's values."""
+    def observe(self, model, embeddings, present, masks=None, natural=False):
+        """Measures this batch (no gradients) and updates the EMAs of the sets whose measurement
+        is finite (a non-finite batch changes nothing); returns the batch's values."""
         if self.estimator == "uniform":
             return None
-        values = self.measure(model, embeddings, present, masks)
-        self.update(values)
+        values = self.measure(model, embeddings, present, masks, natural)
+        self._fold(values, torch.isfinite(values))
         return values
+
+    def _journal(self):
+        """Remembers the estimates as they were before this optimizer step's first update."""
+        if self._before_step is None:
+            self._before_step = (self.estimates, self.counts.clone())
+
+    def settle(self, applied):
+        """End of an optimizer step: keeps its updates (``applied``) or undoes them (a skipped step)."""
+        if not applied and self._before_step is not None:
+            self.estimates, self.counts = self._before_step
+        self._before_step = None
 
     def modality_estimates(self):
         """The per-modality estimate (float64, (M,)): IG_m or the Shapley value."""
@@ -227,12 +255,12 @@ class InfoGainController:
     def strengths(self):
         """s_m = s_min + (s_max - s_min) IG_m / max_j IG_j (negative estimates count as 0);
         the mid strength everywhere for the ablation or before any positive estimate."""
-        M = len(self.modalities)
         gains = self.modality_estimates().clamp_min(0)
-        top = float(gains.max())
-        if self.estimator == "uniform" or top <= 0:
-            return torch.full((M,), (self.s_min + self.s_max) / 2, dtype=torch.float64)
-        return self.s_min + (self.s_max - self.s_min) * gains / top
+        mid = torch.full_like(gains, (self.s_min + self.s_max) / 2)
+        if self.estimator == "uniform":
+            return mid
+        top = gains.max()  # a host tensor: no float() read, so the step stays free of host syncs
+        return torch.where(top > 0, self.s_min + (self.s_max - self.s_min) * gains / top, mid)
 
     def _draw(self, n):
         """n independent draws: ``(order, strengths, taken)``, each (n, M) in draw order: the
@@ -266,10 +294,10 @@ class InfoGainController:
             1, order, torch.where(taken, strengths, 0.0))
 
     def log(self):
-        """Per-modality estimate, strength and probability, for the metrics log."""
+        """Per-modality estimate, strength and probability, for the metrics log (0-dim tensors)."""
         record = {}
-        for name, ig, s, p in zip(self.modalities, self.modality_estimates().tolist(), self.strengths().tolist(),
-                                  self.probabilities().tolist()):
+        for name, ig, s, p in zip(self.modalities, self.modality_estimates().unbind(), self.strengths().unbind(),
+                                  self.probabilities().unbind()):
             record.update({f"ig/{name}": ig, f"strength/{name}": s, f"pi/{name}": p})
         return record
 
@@ -286,3 +314,4 @@ class InfoGainController:
         self.estimates = state["estimates"].to(torch.float64).clone()
         self.counts = state["counts"].to(torch.int64).clone()
         self.generator.set_state(state["generator"])
+        self._before_step = None

@@ -1,4 +1,5 @@
-"""Interventions on one modality's embeddings (docs/method_training.md, "Interventions").
+"""Interventions: what the method does to the embeddings of its targets
+(docs/method_training.md, "Interventions").
 
 An embedding ``Z`` is ``(B, d)`` (pooled: the rows of the matrix that is
 collapsed are the samples of the batch) or ``(B, T, d)`` (tokens: each sample
@@ -13,17 +14,42 @@ is its own ``(T, d)`` matrix), so both layouts go to the ops as they are.
 - :func:`add_noise`: Gaussian noise at a signal-to-noise ratio in dB.
 - :func:`token_dropout`: drop tokens of token embeddings (their mask turns false).
 - full removal is the model's own: ``present[:, m] = False``.
+
+:class:`Views` is a batch as the fusion sees it; :func:`intervene` turns the clean
+views into the perturbed ones for a matrix of per-sample target strengths.
 """
 
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from ..ops import _validate
-from ..ops.lowrank_svd import lowrank_svd
-from ..ops.spectral_collapse import default_rank, spectral_collapse
+from ... import checks, distributed
+from ...ops.lowrank_svd import lowrank_svd
+from ...ops.spectral_collapse import default_rank, spectral_collapse
 
 COLLAPSES = ("spectral", "zero", "fixed_rank")
+INTERVENTIONS = ("collapse", "remove", "noise", "token_dropout")
+
+
+@dataclass(frozen=True)
+class Views:
+    """A batch as fusion and head see it: ``embeddings`` by modality ((B, d) or (B, T, d)), the
+    (B, M) bool ``present`` mask in the model's modality order, and the (B, T) token ``masks``."""
+
+    embeddings: dict
+    present: torch.Tensor
+    masks: dict
+
+    def apply(self, fn):
+        """The views with ``fn`` applied to every tensor (rows selected, detached, gathered ...)."""
+        return Views({k: fn(z) for k, z in self.embeddings.items()}, fn(self.present),
+                     {k: fn(m) for k, m in self.masks.items()})
+
+    def gathered(self):
+        """Detached and with the rows of every data-parallel rank (itself in one process)."""
+        return self.apply(lambda t: distributed.gather_rows(t.detach()))
 
 
 def knock_out(z):
@@ -46,8 +72,8 @@ def _fixed_rank(z, strength, k, generator, backend):
 
 def collapse(z, strength, *, mode="spectral", k=None, generator=None, backend="auto"):
     """``z`` with the fraction ``strength`` (a float in [0, 1]) of its information destroyed."""
-    _validate.choice("mode", mode, COLLAPSES)
-    strength = _validate.finite_float("strength", strength, 0.0, 1.0)
+    checks.choice("mode", mode, COLLAPSES)
+    strength = checks.number("strength", strength, 0.0, 1.0)
     if z.dim() not in (2, 3):
         raise ValueError(f"z: expected an embedding of shape (B, d) or (B, T, d), got {tuple(z.shape)}")
     if strength == 0:
@@ -63,7 +89,7 @@ def collapse(z, strength, *, mode="spectral", k=None, generator=None, backend="a
 
 def add_noise(z, snr_db, *, generator=None):
     """``z`` plus Gaussian noise whose power is the mean square of ``z`` over 10^(snr_db / 10)."""
-    snr_db = _validate.finite_float("snr_db", snr_db)
+    snr_db = checks.number("snr_db", snr_db)
     power = z.detach().float().square().mean()
     scale = (power / 10 ** (snr_db / 10)).sqrt().to(z.dtype)
     noise = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=generator.device if generator else z.device)
@@ -73,7 +99,7 @@ def add_noise(z, snr_db, *, generator=None):
 def token_dropout(z, mask, rate, *, generator=None):
     """Drops each real token of ``z`` (B, T, d) with probability ``rate``, at least one kept
     per sample. Returns ``(z with dropped tokens zeroed, the new (B, T) mask)``."""
-    rate = _validate.finite_float("rate", rate, 0.0, 1.0, high_open=True)
+    rate = checks.number("rate", rate, 0.0, 1.0, high_open=True)
     if z.dim() != 3:
         raise ValueError(f"z: token dropout needs token embeddings (B, T, d), got shape {tuple(z.shape)}")
     mask = torch.ones(z.shape[:2], dtype=torch.bool, device=z.device) if mask is None else mask
@@ -84,3 +110,43 @@ def token_dropout(z, mask, rate, *, generator=None):
     empty = ~keep.any(1)
     keep[empty, first[empty]] = True
     return z * keep[..., None].to(z.dtype), keep
+
+
+def intervene(views, strengths, names, *, kind="collapse", collapse_mode="spectral", generator=None, ctx=None):
+    """The perturbed :class:`Views` of ``views``: ``strengths`` is a CPU (B, M) float64 matrix giving
+    each sample's targets and their strength (0: untouched), ``names`` the modalities in its column
+    order, ``kind`` one of ``INTERVENTIONS``. A modality's strength is the same for all the samples
+    that target it (the controller's s_m), so its damaged embedding is computed once (for pooled
+    embeddings over the whole batch, whose rows are the samples) and kept on the targeted rows;
+    with ``kind="collapse"`` a strength of 1 is removal (``present = False``, the model's own
+    missing handling). Under data parallelism (``ctx``) B is the global micro-batch: the damage is
+    computed on its gathered rows and this rank keeps its own. The decisions read only host data."""
+    embeddings, present, masks = dict(views.embeddings), views.present.clone(), dict(views.masks)
+    gather, ours = (ctx.gather_rows, ctx.batch_rows(present.shape[0])[1]) if ctx else (lambda x: x, slice(None))
+    targeted = strengths.numpy() > 0
+    top = strengths.numpy().max(0)  # of a targeted modality: its targets' strength (the others are <= 0)
+    for m in np.flatnonzero(targeted.any(0)):
+        name, strength = names[m], float(top[m])
+        rows = torch.from_numpy(targeted[:, m]).to(present.device)
+        if kind == "remove" or (kind == "collapse" and strength >= 1):
+            present[:, m] &= ~rows[ours]
+            continue
+        z = gather(embeddings[name])
+        if kind == "collapse":
+            damaged = collapse(z, strength, mode=collapse_mode, generator=generator)
+        elif kind == "noise":  # strength s: noise power s / (1 - s) times the signal's
+            s = min(max(strength, 1e-6), 1 - 1e-6)
+            damaged = add_noise(z, 10 * math.log10((1 - s) / s), generator=generator)
+        elif z.dim() == 3:  # token dropout at rate s (pooled embeddings: no tokens to drop, left as is)
+            real = masks.get(name)
+            real = torch.ones(z.shape[:2], dtype=torch.bool, device=z.device) if real is None else gather(real)
+            damaged, dropped = token_dropout(z, real, min(strength, 0.99), generator=generator)
+            masks[name] = torch.where(rows[:, None], dropped, real)[ours]
+        else:
+            continue
+        if not targeted[:, m].all():
+            damaged = torch.where(rows.view(-1, *([1] * (z.dim() - 1))), damaged, z)
+        embeddings[name] = damaged[ours]
+    # a sample whose targets are every modality it has (natural missingness) keeps them
+    emptied = ~present.any(1, keepdim=True)
+    return Views(embeddings, torch.where(emptied, views.present, present), masks)

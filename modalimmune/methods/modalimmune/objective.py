@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..models.base import pool
-from ..ops.effective_rank import effective_rank
+from ...models.base import pool
+from ...ops.effective_rank import effective_rank
 
 
 def task_loss(logits, labels):
@@ -31,9 +31,13 @@ def consistency_loss(joint, joint_tilde):
 
 
 def normalised_effective_rank(joint, *, k=None, generator=None):
-    """erank(H) / min(B, d_h): RankMe over the top ``k`` singular values (None: min(64, B, d_h))."""
+    """erank(H) / min(B, d_h): RankMe over the top ``k`` singular values (None: min(64, B, d_h)).
+    Inside a training step a non-finite entry counts as 0: the step's loss is non-finite then
+    anyway, and the step is skipped, so the op's scan of H for NaN (a host sync) is left out."""
     k = None if k is None else min(k, *joint.shape)
-    return effective_rank(joint.float(), k=k, generator=generator) / min(joint.shape)
+    joint = joint.float()
+    finite = torch.where(torch.isfinite(joint), joint, torch.zeros((), dtype=joint.dtype, device=joint.device))
+    return effective_rank(finite, k=k, generator=generator, check_finite=False) / min(joint.shape)
 
 
 def reconstruction_loss(decoded, embeddings, masks=None):
@@ -59,7 +63,8 @@ class Terms:
         return loss + rec_weight * self.reconstruction if rec_weight else loss
 
     def log(self):
-        return {f"term/{k}": float(v.detach()) for k, v in vars(self).items()}
+        """Every term as a detached 0-dim tensor (read to the host only when a log line is written)."""
+        return {f"term/{k}": v.detach() for k, v in vars(self).items()}
 
 
 @dataclass
@@ -73,11 +78,10 @@ class Outputs:
     decoded: dict | None = None
 
 
-def forward_pair(model, embeddings, perturbed, present, perturbed_present, masks=None, *, decode=False,
-                 perturbed_masks=None):
-    """Fusion and head on the intact and on the intervened embeddings (encoders run once, before)."""
-    joint = model.fuse(embeddings, present, masks)
-    joint_tilde = model.fuse(perturbed, perturbed_present, masks if perturbed_masks is None else perturbed_masks)
+def forward_pair(model, clean, perturbed, *, decode=False):
+    """Fusion and head on the ``clean`` and on the ``perturbed`` :class:`Views` (encoders run once, before)."""
+    joint = model.fuse(clean.embeddings, clean.present, clean.masks)
+    joint_tilde = model.fuse(perturbed.embeddings, perturbed.present, perturbed.masks)
     decoded = model.decode(joint_tilde) if decode else None
     return Outputs(joint, model.head(joint), joint_tilde, model.head(joint_tilde), decoded)
 

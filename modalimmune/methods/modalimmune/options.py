@@ -1,0 +1,98 @@
+"""The options of ``method="modalimmune[...]"``, validated once (docs/method_training.md, "Options")."""
+
+import math
+from dataclasses import dataclass
+
+from ... import checks
+from ..base import option_label
+from .controller import ESTIMATORS
+from .interventions import COLLAPSES, INTERVENTIONS
+
+MASKS = ("hard", "soft", "off")
+HYPERGRADS = ("neumann", "off")
+HYPER_PARAMS = ("fusion_head", "all")
+LAMBDA_NAMES = ("imm", "con", "rank")
+LOG_LAMBDA_RANGE = (math.log(1e-3), math.log(10.0))  # phi is kept inside these bounds
+
+
+@dataclass(frozen=True)
+class Options:
+    """Every option of the method; the docs' options table says what each does."""
+
+    # ablation switches and the kind of intervention
+    controller: str = "ig"
+    collapse: str = "spectral"
+    mask: str = "hard"
+    hypergrad: str = "neumann"
+    intervention: str = "collapse"
+    # initial weights of the destructive terms (phi = their logs)
+    lambda_imm: float = 3.0
+    lambda_con: float = 0.1
+    lambda_rank: float = 0.01
+    # controller
+    temperature: float = 0.05
+    epsilon: float = 0.2
+    s_min: float = 1.0
+    s_max: float = 1.0
+    momentum: float = 0.9
+    max_targets: int = 5
+    budget: float = 0.0  # 0: no cap
+    joint_targets: bool = True
+    per_sample: bool = False
+    ig_every: int = 4
+    ig_samples: int = 16  # 0: the whole micro-batch
+    erank_k: int = 16
+    # masker
+    quantile: float = 0.9
+    beta: float = 0.99
+    probe_every: int = 10
+    # hypergradient
+    hyper_every: int = 25
+    hyper_lr: float = 0.1
+    hyper_max_step: float = 0.5
+    hyper_damping: float = 1.0
+    hyper_rel_damping: float = 0.25
+    hyper_tol: float = 0.05
+    hyper_iters: int = 50
+    hyper_power_iters: int = 5
+    hyper_params: str = "fusion_head"
+    val_drop: float = 0.5
+    val_batches: int = 1
+
+    def __post_init__(self):
+        label = lambda name: option_label("modalimmune", name)  # noqa: E731
+        for name, options in (("controller", ESTIMATORS), ("collapse", COLLAPSES), ("mask", MASKS),
+                              ("hypergrad", HYPERGRADS), ("intervention", INTERVENTIONS),
+                              ("hyper_params", HYPER_PARAMS)):
+            checks.choice(label(name), getattr(self, name), options)
+        for name in ("lambda_imm", "lambda_con", "lambda_rank", "hyper_lr", "hyper_max_step", "hyper_damping",
+                     "hyper_rel_damping", "hyper_tol", "budget", "temperature"):
+            checks.number(label(name), getattr(self, name), 0.0, low_open=name == "temperature")
+        for name in ("epsilon", "s_min", "s_max", "quantile"):
+            checks.number(label(name), getattr(self, name), 0.0, 1.0)
+        checks.number(label("s_max"), self.s_max, self.s_min, 1.0)
+        for name in ("momentum", "beta", "val_drop"):
+            checks.number(label(name), getattr(self, name), 0.0, 1.0, high_open=True)
+        for name in ("max_targets", "ig_every", "erank_k", "hyper_every", "hyper_iters", "hyper_power_iters",
+                     "val_batches"):
+            checks.integer(label(name), getattr(self, name), 1)
+        for name in ("ig_samples", "probe_every"):
+            checks.integer(label(name), getattr(self, name), 0)
+        for name in ("joint_targets", "per_sample"):
+            checks.flag(label(name), getattr(self, name))
+
+    def initial_phi(self):
+        """phi = (log l_imm, log l_con, log l_rank), each inside ``LOG_LAMBDA_RANGE``."""
+        low, high = LOG_LAMBDA_RANGE
+        return [min(max(math.log(max(getattr(self, f"lambda_{n}"), 1e-30)), low), high) for n in LAMBDA_NAMES]
+
+    def controller_options(self):
+        """The keyword arguments of :class:`InfoGainController`."""
+        return dict(estimator=self.controller, temperature=self.temperature, epsilon=self.epsilon,
+                    s_min=self.s_min, s_max=self.s_max, momentum=self.momentum, max_targets=self.max_targets,
+                    budget=self.budget or None, joint=self.joint_targets)
+
+    def masker_options(self):
+        """The keyword arguments of :class:`CurvatureMasker`."""
+        return dict(quantile=self.quantile, beta=self.beta, probe_every=self.probe_every, mode=self.mask)
+
