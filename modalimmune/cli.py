@@ -100,7 +100,7 @@ def _train(args):
     wants_cuda = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
     with distributed.process_group("cuda" if wants_cuda else "cpu"):  # under torchrun: join its process group
         seed_everything(config.seed)
-        model = build_model(config.model, dataset.spec, dataset.num_classes, **config.model_options)
+        model = build_model(config.model, dataset.spec, dataset.num_outputs, **config.model_options)
         summary = Trainer(model, dataset, config, out_dir=args.out, overwrite=args.overwrite).fit(resume=args.resume)
         if distributed.is_main():
             print(json.dumps({**summary, "world_size": distributed.world_size()}))
@@ -137,7 +137,8 @@ def _eval(args):
     result = evaluate(model, dataset, args.split, seed=args.seed)
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "eval.json"), result)
-    print(json.dumps({k: result[k] for k in ("clean_accuracy", "mean_missing_accuracy", "worst_missing_accuracy",
+    metric = result["metric"]
+    print(json.dumps({k: result[k] for k in (f"clean_{metric}", f"mean_missing_{metric}", f"worst_missing_{metric}",
                                              "drop_rate_auc", "relative_robustness")}))
     return 0
 

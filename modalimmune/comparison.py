@@ -6,7 +6,7 @@ import os
 
 from . import distributed
 from .data import MultimodalDataset, load_dataset
-from .eval.metrics import effective_robustness
+from .eval.metrics import robustness
 from .eval.protocol import evaluate
 from .eval.report import build_report, write_json, write_report
 from .methods import build_method, parse_method
@@ -32,7 +32,7 @@ def compare(dataset, methods, seeds, out_dir, *, save_models=False, log=print, *
     if not methods or len(set(methods)) != len(methods):
         raise ValueError(f"methods: expected distinct method specs, got {methods!r}")
     for spec in methods:  # unknown names, bad options and options the data cannot serve fail before any training
-        build_method(spec).check(dataset.modalities)
+        build_method(spec).check(dataset.modalities, dataset.task)
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if not seeds:
         raise ValueError("seeds: expected at least one seed")
@@ -44,26 +44,27 @@ def compare(dataset, methods, seeds, out_dir, *, save_models=False, log=print, *
             run_dir = os.path.join(out_dir, "runs", spec, f"seed{seed}")
             train_config = TrainConfig(**{**config, "method": spec, "seed": seed})
             seed_everything(seed)
-            model = build_model(train_config.model, dataset.spec, dataset.num_classes, **train_config.model_options)
+            model = build_model(train_config.model, dataset.spec, dataset.num_outputs, **train_config.model_options)
             summary = Trainer(model, dataset, train_config, out_dir=run_dir, checkpoints=save_models,
                               overwrite=True).fit()
             result = evaluate(model, dataset, "test", seed=seed)
             result["training"] = summary
             runs[spec].append(result)
-            log(f"{spec} seed {seed}: clean {result['clean_accuracy']:.4f} "
-                f"mean-missing {result['mean_missing_accuracy']:.4f} ({summary['seconds']:.1f} s)")
+            metric = result["metric"]
+            log(f"{spec} seed {seed}: clean {metric} {result[f'clean_{metric}']:.4f} "
+                f"mean-missing {result[f'mean_missing_{metric}']:.4f} ({summary['seconds']:.1f} s)")
     reference = next((s for s in methods if s == REFERENCE_METHOD), None) or next(
         (s for s in methods if parse_method(s)[0] == REFERENCE_METHOD), None)
     for spec in methods:
         for k, (seed, result) in enumerate(zip(seeds, runs[spec])):
             if reference is not None:
-                against = runs[reference][k]
-                result["effective_robustness"] = effective_robustness(
-                    result["drop_rate_curve"]["accuracy"], against["drop_rate_curve"]["accuracy"])
+                against, metric = runs[reference][k], result["metric"]
+                result.update(robustness(result["drop_rate_curve"]["rates"], result["drop_rate_curve"][metric],
+                                         against["drop_rate_curve"][metric], metric))
                 for name, curves in result["corruption"].items():
                     for family, curve in curves.items():
-                        curve["effective_robustness"] = effective_robustness(
-                            curve["accuracy"], against["corruption"][name][family]["accuracy"])
+                        curve.update(robustness(curve["levels"], curve[metric],
+                                                against["corruption"][name][family][metric], metric))
             write_json(os.path.join(out_dir, "runs", spec, f"seed{seed}", "eval.json"), result)
     report = build_report(dataset.name, dataset.modalities, seeds, runs)
     paths = write_report(out_dir, report, runs)

@@ -232,7 +232,7 @@ CASES = [
     ("model/extra-key", lambda w: (Trainer, (w["model"], _dataset_with_extra(w)), {}), ValueError,
      r"model: its modalities"),
     ("model/spec", lambda w: (build_model, ("mlp", {}, 3), {}), ValueError, r"spec"),
-    ("model/classes", lambda w: (build_model, ("mlp", w["data"].spec, 1), {}), ValueError, r"num_classes"),
+    ("model/outputs", lambda w: (build_model, ("mlp", w["data"].spec, 0), {}), ValueError, r"num_outputs"),
     ("model/name", lambda w: (build_model, ("resnet", w["data"].spec, 3), {}), ValueError, r"model"),
     # -- evaluate
     ("evaluate/split", lambda w: (evaluate, (w["model"], w["data"], "dev"), {}), ValueError, r"split"),

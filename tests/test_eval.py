@@ -125,7 +125,7 @@ def test_report_layout_and_files(oracle_data, tmp_path):
     for r in runs["erm"]:
         r["effective_robustness"] = 0.0
     report = build_report("toy", oracle_data.modalities, [0, 1], runs)
-    assert set(report) == {"dataset", "modalities", "seeds", "methods"}
+    assert set(report) == {"dataset", "metric", "modalities", "seeds", "methods"} and report["metric"] == "accuracy"
     entry = report["methods"]["erm"]
     assert set(entry) == {"clean_accuracy", "clean_balanced_accuracy", "subset_accuracy", "mean_missing_accuracy",
                           "worst_missing_accuracy", "drop_rate_curve", "drop_rate_auc", "relative_robustness",

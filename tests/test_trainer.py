@@ -30,7 +30,7 @@ def test_training_learns_the_task(data):
     trainer = make(data, epochs=12, lr=1e-2)
     summary = trainer.fit()
     assert summary["finished"] and summary["steps"] == 12 * 4
-    assert summary["best_val_accuracy"] >= 0.9
+    assert summary["best_val_score"] >= 0.9
 
 
 @pytest.mark.parametrize("method", ["erm", "moddrop", "ogm_ge"])
@@ -73,7 +73,7 @@ def test_robust_selection_keeps_the_best_clean_and_missing_mean(data, tmp_path):
     for r in vals:
         assert r["val_score"] == pytest.approx((r["val_accuracy"] + r["val_missing_accuracy"]) / 2)
     scores = [r["val_score"] for r in vals]
-    assert trainer.state["best_accuracy"] == max(scores)
+    assert trainer.state["best_score"] == max(scores)
     assert trainer.state["best_epoch"] == scores.index(max(scores))
     assert trainer.validate() == trainer.validate()  # the same missing patterns every time
     seen = []  # the missing patterns drop modalities and keep at least one per sample
@@ -92,7 +92,7 @@ def test_metrics_jsonl_and_exported_model(data, tmp_path):
     assert {r["event"] for r in records} == {"step", "val"}
     assert [r["step"] for r in records if r["event"] == "step"] == list(range(2, 13, 2))
     model, state = load_model(str(tmp_path / "model.pt"), data)
-    assert state["best_val_accuracy"] == trainer.state["best_accuracy"]
+    assert state["best_val_score"] == trainer.state["best_score"]
     batch = data.batch(data.indices("test"))
     assert torch.equal(model.eval()(batch), trainer.model.eval()(batch))
 

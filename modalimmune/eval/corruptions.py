@@ -266,16 +266,16 @@ def corruption_curve(cache, name, family, *, levels=LEVELS, seed=0, reference=No
     """Accuracy with modality ``name`` corrupted by ``family`` at each of ``levels``.
 
     ``cache``: the protocol's split cache (``model``, ``batches``, ``embeddings`` and
-    ``accuracy(present_for, embeddings)``, as ``protocol._Cache``); the model in eval
+    ``metric`` and ``score(present_for, embeddings)``, as ``protocol._Cache``); the model in eval
     mode. Tensor families corrupt the split's whole ``name`` input at once (so the
     noise scale and swap donors are split-wide) and re-encode it batch by batch with
     the other modalities' embeddings taken from the cache. Text families need
     ``texts`` (per batch, the raw texts whose encoding is cached) and
     ``encode_text(texts) -> tensor`` shaped like the batch's ``name`` input. Every
     level uses the same draws (the seed of ``(seed, name, family)``), so a higher
-    level corrupts a superset. Returns ``{"family", "levels", "accuracy",
-    "relative_robustness", "effective_robustness"}`` (the latter against
-    ``reference``, another curve's accuracies at the same levels, else None) and,
+    level corrupts a superset. Returns ``{"family", "levels", METRIC, "relative_robustness",
+    "effective_robustness"}`` (METRIC the cache's: ``accuracy``, or ``mae`` for regression; the
+    effective robustness against ``reference``, another curve at the same levels, else None) and,
     for noise, ``"snr_db"`` per level (None at level 0).
     """
     model, batches = cache.model, cache.batches
@@ -294,10 +294,10 @@ def corruption_curve(cache, name, family, *, levels=LEVELS, seed=0, reference=No
             if len(_texts(batch_texts, f"texts[{i}]")) != len(batch):
                 fail(f"texts[{i}]", f"{len(batch)} texts (the batch's size)", f"{len(batch_texts)}")
     everything = lambda n, i: torch.ones(n, len(model.modalities), dtype=torch.bool)  # noqa: E731
-    accuracy = []
+    scores = []
     for level in levels:
         if level == 0:  # the identity: the cached embeddings
-            accuracy.append(cache.accuracy(everything))
+            scores.append(cache.score(everything))
             continue
         generator = torch.Generator().manual_seed(curve_seed)
         if family in TEXT_FAMILIES:
@@ -309,11 +309,9 @@ def corruption_curve(cache, name, family, *, levels=LEVELS, seed=0, reference=No
             inputs = corrupt(whole, family, level, generator, mask=mask).split([len(b) for b in batches])
         embeddings = [{**emb, name: model.encode(b.replace(name, x))[name]}
                       for b, emb, x in zip(batches, cache.embeddings, inputs)]
-        accuracy.append(cache.accuracy(everything, embeddings))
-    curve = {"family": family, "levels": levels, "accuracy": accuracy,
-             "relative_robustness": metrics.relative_robustness(levels, accuracy),
-             "effective_robustness": (metrics.effective_robustness(accuracy, reference)
-                                      if reference is not None else None)}
+        scores.append(cache.score(everything, embeddings))
+    curve = {"family": family, "levels": levels, cache.metric: scores,
+             **metrics.robustness(levels, scores, reference, cache.metric)}
     if family == "noise":
         curve["snr_db"] = [None if level == 0 else implied_snr_db(level) for level in levels]
     return curve

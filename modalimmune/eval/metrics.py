@@ -20,14 +20,29 @@ def subset_name(modalities, subset):
     return "+".join(modalities[i] for i in sorted(subset))
 
 
-def missing_summary(subset_accuracy, modalities):
-    """(mean, worst) accuracy over the missing patterns: every non-empty proper subset that some
-    sample can have (None: no sample has it)."""
+ERROR_METRICS = ("mae",)  # lower is better
+
+
+def missing_summary(subset_scores, modalities, metric="accuracy"):
+    """(mean, worst) of the metric over the missing patterns: every non-empty proper subset that some
+    sample can have (None: no sample has it); the worst of an error metric is its largest value."""
     full = "+".join(modalities)
-    values = [v for k, v in subset_accuracy.items() if k != full and v is not None]
+    values = [v for k, v in subset_scores.items() if k != full and v is not None]
     if not values:  # a single modality has no missing pattern
         return float("nan"), float("nan")
-    return float(np.mean(values)), float(np.min(values))
+    return float(np.mean(values)), float(np.max(values) if metric in ERROR_METRICS else np.min(values))
+
+
+def robustness(levels, values, reference=None, metric="accuracy"):
+    """``{"relative_robustness", "effective_robustness"}`` of a curve of the metric over ``levels``
+    (effective: against ``reference``, None without one). An error metric enters negated, so that
+    higher stays better and a positive effective robustness still means more robust than the
+    reference (docs/benchmark.md, "Evaluation protocol")."""
+    sign = -1.0 if metric in ERROR_METRICS else 1.0
+    signed = [sign * v for v in values]
+    return {"relative_robustness": relative_robustness(levels, signed),
+            "effective_robustness": (effective_robustness(signed, [sign * v for v in reference])
+                                     if reference is not None else None)}
 
 
 def balanced_accuracy(predicted, labels):

@@ -14,20 +14,26 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def percent(figures, key):
-    """``figure[key]`` of each figure in %, NaN where it is None (a pattern no sample has)."""
-    return np.array([np.nan if f[key] is None else f[key] * 100 for f in figures], dtype=float)
+def values(figures, key, metric):
+    """``figure[key]`` of each figure (an accuracy in %), NaN where it is None (a pattern no sample has)."""
+    scale = 100 if metric == "accuracy" else 1
+    return np.array([np.nan if f[key] is None else f[key] * scale for f in figures], dtype=float)
+
+
+def _label(report):
+    return "accuracy (%)" if report["metric"] == "accuracy" else "MAE"
 
 
 def drop_rate_plot(path, report):
     fig, ax = plt.subplots(figsize=(6, 4))
+    metric = report["metric"]
     for name, entry in report["methods"].items():
         curve = entry["drop_rate_curve"]
-        mean, std = percent(curve["accuracy"], "mean"), percent(curve["accuracy"], "std")
+        mean, std = values(curve[metric], "mean", metric), values(curve[metric], "std", metric)
         ax.plot(curve["rates"], mean, marker="o", ms=3, label=name)
         ax.fill_between(curve["rates"], mean - std, mean + std, alpha=0.2)
-    ax.set(xlabel="test-time drop rate p", ylabel="accuracy (%)",
-           title=f"{report['dataset']}: accuracy vs drop rate ({len(report['seeds'])} seeds, ±1 std)")
+    ax.set(xlabel="test-time drop rate p", ylabel=_label(report),
+           title=f"{report['dataset']}: {metric} vs drop rate ({len(report['seeds'])} seeds, ±1 std)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -37,19 +43,19 @@ def drop_rate_plot(path, report):
 
 def subset_plot(path, report):
     """One column per kept subset (by size, then dataset order), one marker per method."""
-    methods = report["methods"]
-    subsets = list(next(iter(methods.values()))["subset_accuracy"])
+    methods, metric = report["methods"], report["metric"]
+    subsets = list(next(iter(methods.values()))[f"subset_{metric}"])
     fig, ax = plt.subplots(figsize=(min(14, max(6, 0.22 * len(subsets))), 4.5))
     x = np.arange(len(subsets))
     offset = 0.6 / max(1, len(methods))
     for k, (name, entry) in enumerate(methods.items()):
-        figures = [entry["subset_accuracy"][s] for s in subsets]
-        mean, std = percent(figures, "mean"), percent(figures, "std")
+        figures = [entry[f"subset_{metric}"][s] for s in subsets]
+        mean, std = values(figures, "mean", metric), values(figures, "std", metric)
         ax.errorbar(x + (k - (len(methods) - 1) / 2) * offset, mean, yerr=std, fmt="o", ms=3, elinewidth=0.8,
                     label=name)
     ax.set_xticks(x, subsets, rotation=90, fontsize=6 if len(subsets) > 20 else 8)
-    ax.set(ylabel="accuracy (%)", xlim=(-0.6, len(subsets) - 0.4),
-           title=f"{report['dataset']}: accuracy per kept subset (mean ± std over seeds)")
+    ax.set(ylabel=_label(report), xlim=(-0.6, len(subsets) - 0.4),
+           title=f"{report['dataset']}: {metric} per kept subset (mean ± std over seeds)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -68,13 +74,14 @@ def corruption_plot(path, report):
     for ax, (name, family) in zip(axes.flat, panels):
         for method, entry in methods.items():
             curve = entry["corruption"][name][family]
-            ax.plot(curve["levels"], percent(curve["accuracy"], "mean"), marker="o", ms=2, label=method)
-        ax.set(title=f"{name}: {family}", xlabel="level", ylabel="accuracy (%)")
+            ax.plot(curve["levels"], values(curve[report["metric"]], "mean", report["metric"]), marker="o", ms=2,
+                    label=method)
+        ax.set(title=f"{name}: {family}", xlabel="level", ylabel=_label(report))
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f"{report['dataset']}: accuracy with one modality corrupted (mean over seeds)")
+    fig.suptitle(f"{report['dataset']}: {report['metric']} with one modality corrupted (mean over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -14,37 +14,45 @@ class _Cache:
     """A split's embeddings computed once; patterns and corruptions then cost only
     fusion and head passes (or one modality's encoder for noise). With natural
     missingness (``batch.present``) a modality a sample lacks is never present,
-    whatever mask a pattern asks for."""
+    whatever mask a pattern asks for. ``metric`` is the task's figure: ``"accuracy"``
+    (higher is better) or, for regression, ``"mae"`` (the mean absolute error)."""
 
     def __init__(self, model, dataset, split, batch_size, device):
         self.model, self.device = model, device
+        self.metric = "mae" if dataset.task == "regression" else "accuracy"
         self.batches = [b.to(device) for b in dataset.batches(split, batch_size)]
         self.embeddings = [model.encode(b) for b in self.batches]
         self.natural = [None if b.present is None else b.present.cpu() for b in self.batches]
 
     def predictions(self, present_for, embeddings=None):
-        """Predicted classes with ``present_for(batch_size, i)`` (within what the data has) as the mask
-        of batch i."""
+        """Predicted classes (regression: values) with ``present_for(batch_size, i)`` (within what the
+        data has) as the mask of batch i."""
         out = []
         for i, (batch, emb) in enumerate(zip(self.batches, embeddings or self.embeddings)):
             present = present_for(len(batch), i)
             if self.natural[i] is not None:
                 present = present & self.natural[i]
-            out.append(self.model.head(self.model.fuse(emb, present.to(self.device), batch.masks)).argmax(-1))
+            outputs = self.model.head(self.model.fuse(emb, present.to(self.device), batch.masks))
+            out.append(outputs.float().squeeze(-1) if self.metric == "mae" else outputs.argmax(-1))
         return torch.cat(out)
 
     def labels(self):
         return torch.cat([b.labels for b in self.batches])
 
-    def accuracy(self, present_for, embeddings=None, rows=None):
-        """Accuracy over the split, or over ``rows`` (a per-batch list of bool masks; None when no row
-        is eligible)."""
-        correct = self.predictions(present_for, embeddings) == self.labels()
+    def per_sample(self, predicted):
+        """Each sample's share of the metric: 1 for a right class (0 wrong), or its absolute error."""
+        labels = self.labels()
+        return (predicted - labels).abs() if self.metric == "mae" else (predicted == labels).float()
+
+    def score(self, present_for, embeddings=None, rows=None):
+        """The metric over the split, or over ``rows`` (a per-batch list of bool masks; None when no
+        row is eligible)."""
+        values = self.per_sample(self.predictions(present_for, embeddings))
         if rows is not None:
-            correct = correct[torch.cat(rows).to(correct.device)]
-            if not len(correct):
+            values = values[torch.cat(rows).to(values.device)]
+            if not len(values):
                 return None
-        return correct.float().mean().item()
+        return values.mean().item()
 
     def having(self, keep):
         """Per batch, the samples that have every modality of ``keep`` (None: all of them)."""
@@ -70,6 +78,11 @@ def _check(model, dataset, split):
 def evaluate(model, dataset, split="test", seed=0, *, drop_rates=metrics.DROP_RATES, snr_db=SNR_DB,
              reference_curve=None, reference_corruption=None, batch_size=512, device=None):
     """Accuracy of ``model`` on ``split`` of ``dataset`` under missing and corrupted modalities.
+
+    Every figure is the task's ``metric`` (named in the result): ``accuracy``, or for a
+    regression task ``mae``, the mean absolute error (the keys below then end in ``_mae``;
+    lower is better, and the robustness figures are computed on the negated error so that
+    higher stays better; ``clean_mse`` and ``clean_r2`` replace the balanced accuracy).
 
     Returns a dict: ``clean_accuracy`` (every sample with the modalities it has) and
     ``clean_balanced_accuracy`` (the mean recall over the classes); ``subset_accuracy``
@@ -100,28 +113,33 @@ def evaluate(model, dataset, split="test", seed=0, *, drop_rates=metrics.DROP_RA
         m = len(names)
         pattern = lambda keep: lambda n, i: torch.zeros(n, m, dtype=torch.bool).index_fill_(  # noqa: E731
             1, torch.tensor(keep), True)
-        subset_accuracy = {metrics.subset_name(names, s): cache.accuracy(pattern(s), rows=cache.having(s))
-                           for s in metrics.subsets(names)}
-        mean_missing, worst_missing = metrics.missing_summary(subset_accuracy, names)
-        curve = [cache.accuracy(_drop_masks(cache, m, rate, seed, k)) for k, rate in enumerate(drop_rates)]
+        metric = cache.metric
+        subset = {metrics.subset_name(names, s): cache.score(pattern(s), rows=cache.having(s))
+                  for s in metrics.subsets(names)}
+        mean_missing, worst_missing = metrics.missing_summary(subset, names, metric)
+        curve = [cache.score(_drop_masks(cache, m, rate, seed, k)) for k, rate in enumerate(drop_rates)]
         everything = pattern(range(m))
         clean = cache.predictions(everything)
         result = {
-            "clean_accuracy": (clean == cache.labels()).float().mean().item(),
-            "clean_balanced_accuracy": metrics.balanced_accuracy(clean.cpu(), cache.labels().cpu()),
-            "subset_accuracy": subset_accuracy,
-            "mean_missing_accuracy": mean_missing,
-            "worst_missing_accuracy": worst_missing,
-            "drop_rate_curve": {"rates": list(drop_rates), "accuracy": curve},
+            "metric": metric,
+            f"clean_{metric}": cache.per_sample(clean).mean().item(),
+            f"subset_{metric}": subset,
+            f"mean_missing_{metric}": mean_missing,
+            f"worst_missing_{metric}": worst_missing,
+            "drop_rate_curve": {"rates": list(drop_rates), metric: curve},
             "drop_rate_auc": metrics.drop_rate_auc(drop_rates, curve),
-            "relative_robustness": metrics.relative_robustness(drop_rates, curve),
-            "effective_robustness": (metrics.effective_robustness(curve, reference_curve)
-                                     if reference_curve is not None else None),
-            "noise_accuracy": _noise(cache, names, snr_db, seed, everything),
+            **metrics.robustness(drop_rates, curve, reference_curve, metric),
+            f"noise_{metric}": _noise(cache, names, snr_db, seed, everything),
             "corruption": corruptions.corruption_curves(cache, seed=seed, references=reference_corruption),
-            "natural_pattern_accuracy": _natural_patterns(cache, names, clean),
+            f"natural_pattern_{metric}": _natural_patterns(cache, names, clean),
             "reconstruction_r2": _reconstruction(cache, names) if getattr(model, "decodes", False) else None,
         }
+        labels = cache.labels().cpu()
+        if metric == "accuracy":
+            result["clean_balanced_accuracy"] = metrics.balanced_accuracy(clean.cpu(), labels)
+        else:
+            result["clean_mse"] = float((clean.cpu() - labels).square().mean())
+            result["clean_r2"] = metrics.r2_score(clean.cpu()[:, None], labels[:, None])
     finally:
         model.train(was_training)
     return result
@@ -135,23 +153,23 @@ def _drop_masks(cache, modalities, rate, seed, level):
 
 
 def _natural_patterns(cache, names, clean):
-    """``{pattern: {"count", "accuracy"}}`` over the samples whose data has exactly that pattern
+    """``{pattern: {"count", metric}}`` over the samples whose data has exactly that pattern
     (None without natural missingness)."""
     if all(n is None for n in cache.natural):
         return None
     natural = torch.cat([torch.ones(len(b), len(names), dtype=torch.bool) if n is None else n
                          for b, n in zip(cache.batches, cache.natural)])
-    correct = (clean == cache.labels()).cpu()
+    values = cache.per_sample(clean).cpu()
     out = {}
     for pattern in sorted({tuple(row) for row in natural.tolist()}, key=lambda p: (-sum(p), p)):
         rows = (natural == torch.tensor(pattern)).all(1)
         name = metrics.subset_name(names, [i for i, kept in enumerate(pattern) if kept])
-        out[name] = {"count": int(rows.sum()), "accuracy": correct[rows].float().mean().item()}
+        out[name] = {"count": int(rows.sum()), cache.metric: values[rows].mean().item()}
     return out
 
 
 def _noise(cache, names, snr_db, seed, everything):
-    """Accuracy with Gaussian noise of power P / 10^(snr/10) added to one modality
+    """The metric with Gaussian noise of power P / 10^(snr/10) added to one modality
     (P its mean squared value over the split's real entries)."""
     out = {}
     for name in names:
@@ -160,15 +178,15 @@ def _noise(cache, names, snr_db, seed, everything):
         real = [b.masks[name][..., None] if name in b.masks else torch.ones(1, dtype=torch.bool) for b in cache.batches]
         power = sum((x.square() * r).sum() for x, r in zip(inputs, real)) / sum(
             (r.expand_as(x)).sum() for x, r in zip(inputs, real))
-        accuracy = []
+        scores = []
         for snr in snr_db:
             sigma = (power / 10 ** (snr / 10)).sqrt()
             noisy = []
             for batch, emb, x, r in zip(cache.batches, cache.embeddings, inputs, real):
                 noise = torch.randn(x.shape, generator=generator).to(x.device) * sigma
                 noisy.append({**emb, name: cache.model.encode(batch.replace(name, x + noise * r))[name]})
-            accuracy.append(cache.accuracy(everything, noisy))
-        out[name] = {"snr_db": list(snr_db), "accuracy": accuracy}
+            scores.append(cache.score(everything, noisy))
+        out[name] = {"snr_db": list(snr_db), cache.metric: scores}
     return out
 
 

@@ -8,11 +8,17 @@ import numpy as np
 
 from . import metrics
 
-# (report key, table header, scale to show it in percent)
-SUMMARY = (("clean_accuracy", "clean", 100), ("clean_balanced_accuracy", "balanced", 100),
-           ("mean_missing_accuracy", "mean missing", 100),
-           ("worst_missing_accuracy", "worst missing", 100), ("drop_rate_auc", "drop-rate AUC", 100),
-           ("relative_robustness", "relative rob.", 1), ("effective_robustness", "effective rob.", 1))
+# per metric: (report key, table header, scale: 100 shows a fraction in percent)
+SUMMARY = {
+    "accuracy": (("clean_accuracy", "clean", 100), ("clean_balanced_accuracy", "balanced", 100),
+                 ("mean_missing_accuracy", "mean missing", 100), ("worst_missing_accuracy", "worst missing", 100),
+                 ("drop_rate_auc", "drop-rate AUC", 100), ("relative_robustness", "relative rob.", 1),
+                 ("effective_robustness", "effective rob.", 1)),
+    "mae": (("clean_mae", "clean MAE", 1), ("clean_r2", "clean R²", 1), ("mean_missing_mae", "mean missing MAE", 1),
+            ("worst_missing_mae", "worst missing MAE", 1), ("drop_rate_auc", "drop-rate mean MAE", 1),
+            ("relative_robustness", "relative rob.", 1), ("effective_robustness", "effective rob.", 1)),
+}
+UNITS = {"accuracy": ("Accuracy", "%", 100), "mae": ("MAE", "the target's units", 1)}  # (label, unit, scale)
 
 
 def _figure(values):
@@ -22,29 +28,31 @@ def _figure(values):
     return metrics.mean_std(values)
 
 
+def _curve(results, pick, metric):
+    """The per-level ``{"mean", "std"}`` of the curve ``pick(result)`` over the seeds' results."""
+    return [_figure(column) for column in np.array([pick(r)[metric] for r in results], dtype=float).T]
+
+
 def build_report(dataset_name, modalities, seeds, runs):
-    """``runs[method][i]`` is the evaluate() result of seed ``seeds[i]``."""
+    """``runs[method][i]`` is the evaluate() result of seed ``seeds[i]`` (all of one task's metric)."""
+    metric = next(iter(runs.values()))[0]["metric"]
     methods = {}
     for method, results in runs.items():
-        entry = {key: _figure([r[key] for r in results]) for key, _, _ in SUMMARY}
-        entry["subset_accuracy"] = {k: _figure([r["subset_accuracy"][k] for r in results])
-                                    for k in results[0]["subset_accuracy"]}
-        curves = np.array([r["drop_rate_curve"]["accuracy"] for r in results])
+        entry = {key: _figure([r[key] for r in results]) for key, _, _ in SUMMARY[metric]}
+        subsets = results[0][f"subset_{metric}"]
+        entry[f"subset_{metric}"] = {k: _figure([r[f"subset_{metric}"][k] for r in results]) for k in subsets}
         entry["drop_rate_curve"] = {"rates": results[0]["drop_rate_curve"]["rates"],
-                                    "accuracy": [_figure(column) for column in curves.T]}
+                                    metric: _curve(results, lambda r: r["drop_rate_curve"], metric)}
         entry["corruption"] = {
             name: {family: {"levels": curve["levels"],
-                            "accuracy": [_figure(column) for column in np.array(
-                                [r["corruption"][name][family]["accuracy"] for r in results]).T],
+                            metric: _curve(results, lambda r, n=name, f=family: r["corruption"][n][f], metric),
                             **{key: _figure([r["corruption"][name][family][key] for r in results])
                                for key in ("relative_robustness", "effective_robustness")}}
                    for family, curve in curves.items()}
             for name, curves in results[0]["corruption"].items()}
-        methods[method] = {k: entry[k] for k in ("clean_accuracy", "clean_balanced_accuracy", "subset_accuracy",
-                                                  "mean_missing_accuracy", "worst_missing_accuracy", "drop_rate_curve",
-                                                  "drop_rate_auc", "relative_robustness", "effective_robustness",
-                                                  "corruption")}
-    return {"dataset": dataset_name, "modalities": list(modalities), "seeds": list(seeds), "methods": methods}
+        methods[method] = entry
+    return {"dataset": dataset_name, "metric": metric, "modalities": list(modalities), "seeds": list(seeds),
+            "methods": methods}
 
 
 def _cell(figure, scale):
@@ -54,33 +62,38 @@ def _cell(figure, scale):
     return f"{figure['mean'] * scale:.{digits}f} ± {figure['std'] * scale:.{digits}f}"
 
 
+def _mean_cell(figure, scale):
+    return "–" if figure["mean"] is None else f"{figure['mean'] * scale:.{1 if scale == 100 else 3}f}"
+
+
 def markdown(report, runs):
-    methods = report["methods"]
+    methods, metric = report["methods"], report["metric"]
+    label, unit, scale = UNITS[metric]
+    summary = SUMMARY[metric]
     lines = [f"# {report['dataset']}: robustness to missing modalities", "",
              f"Modalities: {', '.join(report['modalities'])}. Seeds: {', '.join(map(str, report['seeds']))}. "
-             "Mean ± std over seeds; accuracies in %; robustness as MultiBench defines it "
-             "(effective robustness against `erm` of the same seed).", "",
-             "| method | " + " | ".join(h for _, h, _ in SUMMARY) + " |",
-             "|---" * (len(SUMMARY) + 1) + "|"]
+             f"Mean ± std over seeds; {label} in {unit}; robustness as MultiBench defines it "
+             "(effective robustness against `erm` of the same seed"
+             f"{'; an error enters negated, so higher is better' if metric in metrics.ERROR_METRICS else ''}).",
+             "", "| method | " + " | ".join(h for _, h, _ in summary) + " |", "|---" * (len(summary) + 1) + "|"]
     for name, entry in methods.items():
-        lines.append(f"| {name} | " + " | ".join(_cell(entry[k], s) for k, _, s in SUMMARY) + " |")
-    lines += ["", "## Accuracy vs test-time drop rate (%)", "",
-              "| method | " + " | ".join(f"p={r}" for r in next(iter(methods.values()))["drop_rate_curve"]["rates"])
-              + " |", "|---" * (1 + len(next(iter(methods.values()))["drop_rate_curve"]["rates"])) + "|"]
+        lines.append(f"| {name} | " + " | ".join(_cell(entry[k], s) for k, _, s in summary) + " |")
+    rates = next(iter(methods.values()))["drop_rate_curve"]["rates"]
+    lines += ["", f"## {label} vs test-time drop rate ({unit})", "",
+              "| method | " + " | ".join(f"p={r}" for r in rates) + " |", "|---" * (1 + len(rates)) + "|"]
     for name, entry in methods.items():
-        lines.append(f"| {name} | " + " | ".join(f"{f['mean'] * 100:.1f}" for f in entry["drop_rate_curve"]["accuracy"])
+        lines.append(f"| {name} | " + " | ".join(_mean_cell(f, scale) for f in entry["drop_rate_curve"][metric])
                      + " |")
-    noise = {name: results[0]["noise_accuracy"] for name, results in runs.items()}
-    first = next(iter(noise.values()))
-    snrs = first[report["modalities"][0]]["snr_db"]
-    lines += ["", "## Accuracy with Gaussian noise on one modality (%, mean over seeds)", "",
+    snrs = next(iter(runs.values()))[0][f"noise_{metric}"][report["modalities"][0]]["snr_db"]
+    lines += ["", f"## {label} with Gaussian noise on one modality ({unit}, mean over seeds)", "",
               "| method | modality | " + " | ".join(f"{s:g} dB" for s in snrs) + " |", "|---" * (2 + len(snrs)) + "|"]
     for name, results in runs.items():
         for modality in report["modalities"]:
-            values = np.mean([r["noise_accuracy"][modality]["accuracy"] for r in results], 0)
-            lines.append(f"| {name} | {modality} | " + " | ".join(f"{v * 100:.1f}" for v in values) + " |")
-    lines += _corruption_tables(methods)
-    lines += _natural_table(runs)
+            values = np.mean([r[f"noise_{metric}"][modality][metric] for r in results], 0)
+            lines.append(f"| {name} | {modality} | " + " | ".join(
+                _mean_cell({"mean": v}, scale) for v in values) + " |")
+    lines += _corruption_tables(methods, metric)
+    lines += _natural_table(runs, metric)
     if any(results[0]["reconstruction_r2"] for results in runs.values()):
         names = report["modalities"]
         lines += ["", "## Reconstruction R² of a missing modality's embedding", "",
@@ -89,22 +102,23 @@ def markdown(report, runs):
             if results[0]["reconstruction_r2"]:
                 lines.append(f"| {name} | " + " | ".join(
                     f"{np.mean([r['reconstruction_r2'][m] for r in results]):.3f}" for m in names) + " |")
-    lines += ["", "## Accuracy per missing pattern (kept modalities, %)", "",
+    lines += ["", f"## {label} per missing pattern (kept modalities, {unit})", "",
               "| kept | " + " | ".join(methods) + " |", "|---" * (1 + len(methods)) + "|"]
-    for subset in next(iter(methods.values()))["subset_accuracy"]:
-        lines.append(f"| {subset} | " + " | ".join(_cell(e["subset_accuracy"][subset], 100) for e in methods.values())
-                     + " |")
+    for subset in next(iter(methods.values()))[f"subset_{metric}"]:
+        lines.append(f"| {subset} | " + " | ".join(_cell(e[f"subset_{metric}"][subset], scale)
+                                                   for e in methods.values()) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _corruption_tables(methods):
-    """Accuracy per corruption level, one table per family (docs/corruptions.md)."""
+def _corruption_tables(methods, metric):
+    """The metric per corruption level, one table per family (docs/corruptions.md)."""
+    label, unit, scale = UNITS[metric]
     first = next(iter(methods.values()))["corruption"]
     families = sorted({family for curves in first.values() for family in curves})
     lines = []
     for family in families:
         levels = next(c[family]["levels"] for c in first.values() if family in c)
-        lines += ["", f"## Accuracy with one modality corrupted: {family} (%, mean over seeds; "
+        lines += ["", f"## {label} with one modality corrupted: {family} ({unit}, mean over seeds; "
                       "effective robustness against `erm`)", "",
                   "| method | modality | " + " | ".join(f"{v:g}" for v in levels) + " | effective rob. |",
                   "|---" * (3 + len(levels)) + "|"]
@@ -112,24 +126,24 @@ def _corruption_tables(methods):
             for modality, curves in entry["corruption"].items():
                 if family in curves:
                     curve = curves[family]
-                    lines.append(f"| {name} | {modality} | " + " | ".join(_cell(f, 100).split(" ±")[0]
-                                                                          for f in curve["accuracy"])
+                    lines.append(f"| {name} | {modality} | " + " | ".join(_mean_cell(f, scale) for f in curve[metric])
                                  + f" | {_cell(curve['effective_robustness'], 1)} |")
     return lines
 
 
-def _natural_table(runs):
-    """Clean accuracy per pattern of modalities the data has (natural missingness), mean over seeds."""
-    first = next(iter(runs.values()))[0]["natural_pattern_accuracy"]
+def _natural_table(runs, metric):
+    """The clean metric per pattern of modalities the data has (natural missingness), mean over seeds."""
+    label, unit, scale = UNITS[metric]
+    key = f"natural_pattern_{metric}"
+    first = next(iter(runs.values()))[0][key]
     if not first:
         return []
-    lines = ["", "## Clean accuracy by the data's own pattern of modalities (%, mean over seeds)", "",
+    lines = ["", f"## Clean {label} by the data's own pattern of modalities ({unit}, mean over seeds)", "",
              "| method | " + " | ".join(f"{p} (n={v['count']})" for p, v in first.items()) + " |",
              "|---" * (1 + len(first)) + "|"]
     for name, results in runs.items():
         lines.append(f"| {name} | " + " | ".join(
-            f"{np.mean([r['natural_pattern_accuracy'][p]['accuracy'] for r in results]) * 100:.1f}" for p in first)
-            + " |")
+            _mean_cell({"mean": np.mean([r[key][p][metric] for r in results])}, scale) for p in first) + " |")
     return lines
 
 

@@ -108,16 +108,21 @@ def build_method(spec):
     return METHODS[name](**options)
 
 
+TASKS = ("classification", "regression")
+
+
 @dataclass(frozen=True)
 class MethodEnv:
     """What a method is set up with: the trainable parameters (in the order of every gradient
-    list), their device, the run's seed, and ``validation_batch()``, which returns the next
-    validation :class:`~modalimmune.data.Batch` on ``device`` (None: the method gets none)."""
+    list), their device, the run's seed, ``validation_batch()``, which returns the next
+    validation :class:`~modalimmune.data.Batch` on ``device`` (None: the method gets none), and
+    the task (``"classification"`` or ``"regression"``)."""
 
     params: list
     device: torch.device
     seed: int = 0
     validation_batch: Callable | None = None
+    task: str = "classification"
 
 
 @dataclass
@@ -189,14 +194,22 @@ class Forward:
     loss: torch.Tensor
 
 
+def task_loss(outputs, labels):
+    """The supervised loss: cross-entropy for class labels, the mean squared error for regression
+    targets (float labels; the model has one output)."""
+    if labels.is_floating_point():
+        return F.mse_loss(outputs.float().squeeze(-1), labels.float())
+    return F.cross_entropy(outputs.float(), labels)
+
+
 def forward(model, batch, present=None, rec_weight=0.0):
-    """The supervised forward pass: cross-entropy, plus ``rec_weight`` times the
+    """The supervised forward pass: the task loss, plus ``rec_weight`` times the
     reconstruction error of each modality's pooled embedding for models that decode."""
     embeddings = model.encode(batch)
     present = model.all_present(batch) if present is None else present
     joint = model.fuse(embeddings, present, batch.masks)
     logits = model.head(joint)
-    loss = F.cross_entropy(logits.float(), batch.labels)
+    loss = task_loss(logits, batch.labels)
     if rec_weight and getattr(model, "decodes", False):
         decoded = model.decode(joint)
         loss = loss + rec_weight * sum(
@@ -209,8 +222,8 @@ class Method:
     name = None
     reduces_gradients = False  # True: the method combines the ranks' gradients itself (ctx.reduce_mean)
 
-    def check(self, modalities):
-        """Refuses, before any work, options that cannot serve these modalities (ValueError)."""
+    def check(self, modalities, task="classification"):
+        """Refuses, before any work, options that cannot serve these modalities or this task (ValueError)."""
 
     def setup(self, model, env):
         self.generator = torch.Generator(device=env.device).manual_seed(env.seed + 7919)

@@ -58,6 +58,11 @@ class OGMGE(Method):
         self.start_epoch = checks.integer(option_label("ogm_ge", "start_epoch"), start_epoch, 0)
         self.end_epoch = checks.integer(option_label("ogm_ge", "end_epoch"), end_epoch, -1)
 
+    def check(self, modalities, task="classification"):
+        if task != "classification":
+            checks.fail("method ogm_ge", "a classification task (its scores are probabilities of the true class)",
+                        repr(task))
+
     def setup(self, model, env):
         super().setup(model, env)
         if not hasattr(model, "modality_parameters"):

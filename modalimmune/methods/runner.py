@@ -7,17 +7,18 @@ the same parameters (tests/test_own_loop.py).
 """
 
 from .. import checks
-from .base import Method, MethodEnv, StepContext, build_method
+from .base import TASKS, Method, MethodEnv, StepContext, build_method
 
 
 class MethodRunner:
     """``method``: a spec (``"modalimmune[mask=off]"``) or a :class:`Method`; ``params``: the
     trainable parameters (default: those of ``model`` that require grad); ``validation_batch``:
     a callable returning the next validation batch (ModalImmune's hypergradient needs it; e.g.
-    :class:`modalimmune.train.SplitCycle`); ``grad_accum``: micro-batches per optimizer step."""
+    :class:`modalimmune.train.SplitCycle`); ``grad_accum``: micro-batches per optimizer step;
+    ``task``: the dataset's (``dataset.task``)."""
 
     def __init__(self, method, model, params=None, *, seed=0, validation_batch=None, grad_accum=1, rec_weight=0.0,
-                 epochs=1):
+                 epochs=1, task="classification"):
         self.method = build_method(method) if isinstance(method, str) else method
         if not isinstance(self.method, Method):
             checks.fail("method", "a method spec or a Method", type(self.method).__name__, TypeError)
@@ -28,8 +29,8 @@ class MethodRunner:
         self.params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
         if not self.params:
             checks.fail("params", "at least one parameter that requires grad", "none")
-        self.method.check(model.modalities)
-        self.method.setup(model, MethodEnv(self.params, self.params[0].device, seed, validation_batch))
+        self.method.check(model.modalities, checks.choice("task", task, TASKS))
+        self.method.setup(model, MethodEnv(self.params, self.params[0].device, seed, validation_batch, task))
         self.step, self.epoch = 0, 0
 
     def __call__(self, batch, *, share=None, rows=None, global_rows=None):

@@ -1,5 +1,6 @@
 """Ready models following the model contract (docs/benchmark.md, "Models"), built by name."""
 
+from ..checks import integer
 from .base import ModalImmuneModel, pool
 from .late_fusion import LateFusionMLP
 from .transformer import FusionTransformer
@@ -7,15 +8,15 @@ from .transformer import FusionTransformer
 MODELS = {"mlp": LateFusionMLP, "transformer": FusionTransformer}
 
 
-def build_model(name, spec, num_classes, **options):
-    """A ready model for a dataset's ``spec`` (``{name: ModalitySpec}``)."""
+def build_model(name, spec, num_outputs, **options):
+    """A ready model for a dataset's ``spec`` (``{name: ModalitySpec}``) with ``num_outputs`` outputs:
+    ``dataset.num_outputs``, the class count, or 1 for regression."""
     if name not in MODELS:
         raise ValueError(f"model: unknown {name!r}; expected one of {', '.join(MODELS)}")
     if not isinstance(spec, dict) or not spec:
         raise ValueError(f"spec: expected a non-empty dict of modality specs, got {spec!r}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes: expected an int >= 2, got {num_classes!r}")
-    return MODELS[name](spec, num_classes, **options)
+    integer("num_outputs", num_outputs, 1)
+    return MODELS[name](spec, num_outputs, **options)
 
 
 def model_name(model):

@@ -168,6 +168,13 @@ def host_floats(records):
     return out
 
 
+def _hits(outputs, labels):
+    """The correct predictions of a batch (class labels), or its summed absolute error (regression)."""
+    if labels.is_floating_point():
+        return (outputs.squeeze(-1) - labels).abs().sum()
+    return (outputs.argmax(-1) == labels).sum()
+
+
 MODEL_METHODS = ("encode", "fuse", "head", "all_present", "parameters")
 # TrainConfig fields a resumed run may change (they do not change what is computed)
 RESUMABLE_CHANGES = ("progress", "checkpoint_every", "log_every", "max_nonfinite_steps", "device")
@@ -175,7 +182,8 @@ RESUMABLE_CHANGES = ("progress", "checkpoint_every", "log_every", "max_nonfinite
 
 def dataset_signature(dataset):
     """What identifies a dataset to a checkpoint: its name, modalities, classes and split sizes."""
-    return {"name": dataset.name, "modalities": list(dataset.modalities), "num_classes": dataset.num_classes,
+    return {"name": dataset.name, "modalities": list(dataset.modalities), "task": dataset.task,
+            "num_outputs": dataset.num_outputs,
             "splits": {split: dataset.split_size(split) for split in ("train", "val", "test")}}
 
 
@@ -206,7 +214,7 @@ class Trainer:
         self.config, self.dataset, self.out_dir, self.checkpoints = config, dataset, out_dir, checkpoints
         self.overwrite = overwrite
         self.method = build_method(config.method)
-        self.method.check(dataset.modalities)
+        self.method.check(dataset.modalities, dataset.task)
         self.device = resolve_device(config.device)
         self.bf16 = resolve_bf16(config.bf16, self.device)
         self.model = model.to(self.device)
@@ -218,13 +226,13 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(self.total_steps, config.warmup_fraction))
         self._stop_requested = False
-        self.state = {"epoch": 0, "batch": 0, "step": 0, "best_accuracy": -1.0, "best_epoch": -1,
+        self.state = {"epoch": 0, "batch": 0, "step": 0, "best_score": -math.inf, "best_epoch": -1,
                       "bad_epochs": 0, "done": False, "nonfinite_total": 0, "nonfinite_run": 0}
         self.best_model = None
         self.validation_cycle = SplitCycle(dataset, "val", config.batch_size, config.seed + 32452843, self.device)
         self.runner = MethodRunner(self.method, self.model, self.params, seed=config.seed,
                                    validation_batch=self.validation_cycle, grad_accum=config.grad_accum,
-                                   rec_weight=config.rec_weight, epochs=config.epochs)
+                                   rec_weight=config.rec_weight, epochs=config.epochs, task=dataset.task)
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
         self.metrics = MetricsLog(os.path.join(out_dir, METRICS) if out_dir else None)
@@ -243,13 +251,16 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self):
-        """Validation loss and accuracy with every modality; with ``config.select="robust"`` also the
-        accuracy with random missing modalities (the same patterns every epoch) and ``val_score``,
-        the figure that selects the model (docs/method_training.md, "Model selection")."""
+        """Validation loss and accuracy (regression: the mean absolute error) with every modality;
+        with ``config.select="robust"`` also the figure with random missing modalities (the same
+        patterns every epoch) and ``val_score``, the figure that selects the model (higher is better:
+        an error enters negated; docs/method_training.md, "Model selection")."""
         self.model.eval()
         model, robust = self.model, self.config.select == "robust"
+        regression = self.dataset.task == "regression"
+        figure = "mae" if regression else "accuracy"
         patterns = torch.Generator().manual_seed(self.config.split_seed + 65537) if robust else None
-        correct, missing_correct, loss = 0, 0, 0.0
+        hits, missing_hits, loss = 0, 0, 0.0  # correct predictions, or summed absolute errors
         for batch in self.dataset.batches("val", 512):
             batch = batch.to(self.device)
             with self.autocast():
@@ -259,14 +270,18 @@ class Trainer:
                     present = random_present(len(batch), len(self.dataset.modalities), VAL_DROP, patterns,
                                              within=None if batch.present is None else batch.present.cpu())
                     missing = model.head(model.fuse(embeddings, present.to(self.device), batch.masks)).float()
-                    missing_correct += (missing.argmax(-1) == batch.labels).sum().item()
-            loss += torch.nn.functional.cross_entropy(logits, batch.labels, reduction="sum").item()
-            correct += (logits.argmax(-1) == batch.labels).sum().item()
+                    missing_hits += _hits(missing, batch.labels).item()
+            if regression:
+                loss += torch.nn.functional.mse_loss(logits.squeeze(-1), batch.labels, reduction="sum").item()
+            else:
+                loss += torch.nn.functional.cross_entropy(logits, batch.labels, reduction="sum").item()
+            hits += _hits(logits, batch.labels).item()
         self.model.train()
         n = max(1, self.dataset.split_size("val"))
-        val = {"val_loss": loss / n, "val_accuracy": correct / n}
+        val = {"val_loss": loss / n, f"val_{figure}": hits / n}
         if robust:
-            val.update(val_missing_accuracy=missing_correct / n, val_score=(correct + missing_correct) / (2 * n))
+            score = (hits + missing_hits) / (2 * n)
+            val.update({f"val_missing_{figure}": missing_hits / n, "val_score": -score if regression else score})
         return val
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -345,7 +360,8 @@ class Trainer:
                  "modalities": list(self.dataset.modalities), "num_classes": self.dataset.num_classes,
                  "dataset": self.dataset.name, "dataset_source": getattr(self.dataset, "source", None),
                  "config": self.config.to_dict(),
-                 "best_val_accuracy": self.state["best_accuracy"]}
+                 "task": self.dataset.task, "num_outputs": self.dataset.num_outputs,
+                 "best_val_score": self.state["best_score"]}
         checkpoint.save(path or os.path.join(self.out_dir, MODEL), state)
 
     # -- the loop --------------------------------------------------------------------------------
@@ -383,7 +399,7 @@ class Trainer:
             if finished and self.out_dir and self.checkpoints:
                 self.export()
         return {"finished": finished, "steps": state["step"], "epochs": state["epoch"],
-                "best_val_accuracy": state["best_accuracy"], "best_epoch": state["best_epoch"],
+                "best_val_score": state["best_score"], "best_epoch": state["best_epoch"],
                 "stopped_early": state["done"] and state["epoch"] < config.epochs,
                 "seconds": time.perf_counter() - started}
 
@@ -495,9 +511,9 @@ class Trainer:
     def _end_epoch(self):
         config, state = self.config, self.state
         val = self.validate()
-        score = val.get("val_score", val["val_accuracy"])
-        if score > state["best_accuracy"]:  # the best selection figure (config.select)
-            state.update(best_accuracy=score, best_epoch=state["epoch"], bad_epochs=0)
+        score = val.get("val_score", val["val_accuracy"] if "val_accuracy" in val else -val["val_mae"])
+        if score > state["best_score"]:  # the best selection figure (config.select; higher is better)
+            state.update(best_score=score, best_epoch=state["epoch"], bad_epochs=0)
             self.best_model = copy.deepcopy(self.model.state_dict())
         else:
             state["bad_epochs"] += 1
@@ -514,15 +530,16 @@ def load_model(path, dataset):
     for ``dataset`` (which must have the same modalities)."""
     from ..models import build_model
 
-    state = checkpoint.load(path, ("model", "model_name", "model_options", "modalities", "num_classes"))
+    state = checkpoint.load(path, ("model", "model_name", "model_options", "modalities", "num_outputs", "task"))
     if state["model_name"] is None:
         raise ValueError(f"checkpoint: {path} holds a user-defined model; rebuild it yourself, load "
                          "state['model'] and call modalimmune.evaluate")
-    if list(state["modalities"]) != list(dataset.modalities) or state["num_classes"] != dataset.num_classes:
-        raise ValueError(f"dataset: {dataset.name!r} has modalities {list(dataset.modalities)} and "
-                         f"{dataset.num_classes} classes; the checkpoint {path} was trained on "
-                         f"{list(state['modalities'])} with {state['num_classes']}")
-    model = build_model(state["model_name"], dataset.spec, dataset.num_classes, **state["model_options"])
+    ours = (list(dataset.modalities), dataset.task, dataset.num_outputs)
+    theirs = (list(state["modalities"]), state["task"], state["num_outputs"])
+    if ours != theirs:
+        raise ValueError(f"dataset: {dataset.name!r} has (modalities, task, outputs) {ours}; the checkpoint "
+                         f"{path} was trained on {theirs}")
+    model = build_model(state["model_name"], dataset.spec, dataset.num_outputs, **state["model_options"])
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:

@@ -39,19 +39,24 @@ MAX_SHAPLEY_MODALITIES = 5
 MAX_JOINT_SETS = 256  # the joint estimator's measurement is one pass over this many copies of the batch
 
 
-def _kl(log_p, log_q, weights=None):
+def _kl(log_p, log_q, weights=None, regression=False):
     """Mean over the batch (dimension -2) of KL(p || q) from log-probabilities; ``log_q`` may hold
     several variants stacked in front. ``weights`` (variants, batch) bool: the mean over the samples
-    each variant counts (empty: 0)."""
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    each variant counts (empty: 0). ``regression``: p and q are the predicted means of Gaussians of a
+    fixed unit variance, whose KL is half the squared change of the prediction."""
+    if regression:
+        kl = 0.5 * (log_p - log_q).square().sum(-1)
+    else:
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1)
     if weights is None:
         return kl.mean(-1)
     return (kl * weights).sum(-1) / weights.sum(-1).clamp_min(1)
 
 
 @torch.no_grad()
-def _variant_predictions(model, embeddings, present, masks, variants):
-    """Log-probabilities of the intact batch and of each variant (a set of modality indices kept,
+def _variant_predictions(model, embeddings, present, masks, variants, regression=False):
+    """Log-probabilities (``regression``: the predicted values) of the intact batch and of each variant
+    (a set of modality indices kept,
     the others knocked out: removed, ``present = False``, the model's own missing handling, as
     the collapse at strength 1 and the evaluation do): one fusion-and-head pass over the variants
     stacked along the batch, in eval mode (no dropout noise in the comparison).
@@ -69,33 +74,34 @@ def _variant_predictions(model, embeddings, present, masks, variants):
                                        {k: repeat(m) for k, m in (masks or {}).items()}))
     finally:
         model.train(was_training)
-    log_p = logits.float().log_softmax(-1).unflatten(0, (len(variants), batch))
+    log_p = (logits.float() if regression else logits.float().log_softmax(-1)).unflatten(0, (len(variants), batch))
     return log_p[0], log_p[1:]
 
 
-def information_gain(model, embeddings, present, masks=None, target_sets=None, natural=False):
+def information_gain(model, embeddings, present, masks=None, target_sets=None, natural=False, regression=False):
     """``IG_S`` on one batch for every set S of modality indices in ``target_sets`` (default: each
     modality alone, ``IG_m``), the modalities of S removed together: a float64 tensor. With
     ``natural`` (``present`` comes from the data, some samples lack modalities) each ``IG_S`` is the
-    mean over the samples that have a modality of S: removing what a sample lacks measures nothing."""
+    mean over the samples that have a modality of S: removing what a sample lacks measures nothing.
+    ``regression``: the divergence of Gaussian predictions with a fixed unit variance (see :func:`_kl`)."""
     M = len(model.modalities)
     target_sets = [{m} for m in range(M)] if target_sets is None else target_sets
     full, knocked = _variant_predictions(model, embeddings, present, masks,
-                                         [set(range(M)) - set(s) for s in target_sets])
+                                         [set(range(M)) - set(s) for s in target_sets], regression)
     weights = None
     if natural:
         members = torch.tensor([[m in s for m in range(M)] for s in target_sets], device=present.device)
         weights = (members[:, None, :] & present[None]).any(-1)
-    return _kl(full, knocked, weights).double().cpu()
+    return _kl(full, knocked, weights, regression).double().cpu()
 
 
-def coalition_values(model, embeddings, present, masks=None):
+def coalition_values(model, embeddings, present, masks=None, regression=False):
     """``v(S) = -E KL(p(y|x) || p(y|x_S))`` for every coalition S (a frozenset of
     modality indices); the modalities outside S are knocked out. 2^M variants, one pass."""
     M = len(model.modalities)
     coalitions = [frozenset(c) for size in range(M + 1) for c in itertools.combinations(range(M), size)]
-    full, predictions = _variant_predictions(model, embeddings, present, masks, coalitions)
-    values = _kl(full, predictions).double().neg().tolist()
+    full, predictions = _variant_predictions(model, embeddings, present, masks, coalitions, regression)
+    values = _kl(full, predictions, regression=regression).double().neg().tolist()
     return dict(zip(coalitions, values))
 
 
@@ -111,12 +117,13 @@ def shapley_from_values(values, num_players):
     return phi
 
 
-def shapley_values(model, embeddings, present, masks=None):
+def shapley_values(model, embeddings, present, masks=None, regression=False):
     """Exact Shapley values of :func:`coalition_values` (M <= 5); they sum to v(all) - v(empty)."""
     if len(model.modalities) > MAX_SHAPLEY_MODALITIES:
         raise ValueError(f"estimator: 'shapley' needs M <= {MAX_SHAPLEY_MODALITIES} modalities, "
                          f"got {len(model.modalities)}")
-    return shapley_from_values(coalition_values(model, embeddings, present, masks), len(model.modalities))
+    return shapley_from_values(coalition_values(model, embeddings, present, masks, regression),
+                               len(model.modalities))
 
 
 class InfoGainController:
@@ -136,12 +143,15 @@ class InfoGainController:
         joint: with the ``"ig"`` estimator and ``max_targets`` > 1, estimate and draw the sets of
             targets themselves (every set of up to ``max_targets`` modalities, singles first)
             instead of drawing the modalities of a set from the per-modality pi.
+        regression: the model predicts a value, not class logits: the gains are the divergences of
+            Gaussian predictions of a fixed unit variance (half the squared change of the prediction).
         seed: of the controller's own generator (its state is in the checkpoint).
     """
 
     def __init__(self, modalities, *, estimator="ig", temperature=1.0, epsilon=0.1, s_min=0.2, s_max=0.9,
-                 momentum=0.9, max_targets=1, budget=None, joint=False, seed=0):
+                 momentum=0.9, max_targets=1, budget=None, joint=False, regression=False, seed=0):
         self.modalities = tuple(modalities)
+        self.regression = checks.flag("regression", regression)
         if not self.modalities:
             raise ValueError("modalities: expected at least one modality")
         self.estimator = checks.choice("estimator", estimator, ESTIMATORS)
@@ -185,9 +195,9 @@ class InfoGainController:
         weighted by their sample counts). ``natural``: ``present`` is the data's (see
         :func:`information_gain`)."""
         if self.estimator == "shapley":
-            values = shapley_values(model, embeddings, present, masks)
+            values = shapley_values(model, embeddings, present, masks, self.regression)
         else:
-            values = information_gain(model, embeddings, present, masks, self.target_sets, natural)
+            values = information_gain(model, embeddings, present, masks, self.target_sets, natural, self.regression)
         return distributed.batch_mean(values, present.shape[0], present.device)
 
     def update(self, values, which=None):

@@ -15,14 +15,10 @@ squared norms are averaged over the batch.
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ...models.base import pool
 from ...ops.effective_rank import effective_rank
-
-
-def task_loss(logits, labels):
-    return F.cross_entropy(logits.float(), labels)
+from ..base import task_loss
 
 
 def consistency_loss(joint, joint_tilde):

@@ -38,19 +38,20 @@ class ModalImmune(Method):
     def __init__(self, **options):
         self.options = Options(**options)
 
-    def check(self, modalities):
-        self._controller(modalities, 0)
+    def check(self, modalities, task="classification"):
+        self._controller(modalities, 0, task)
 
-    def _controller(self, modalities, seed):
+    def _controller(self, modalities, seed, task):
         try:
-            return InfoGainController(modalities, seed=seed, **self.options.controller_options())
+            return InfoGainController(modalities, seed=seed, regression=task == "regression",
+                                      **self.options.controller_options())
         except ValueError as error:
             raise ValueError(f"method modalimmune: {error}") from None
 
     def setup(self, model, env):
         super().setup(model, env)
         options, seed = self.options, env.seed
-        self.controller = self._controller(model.modalities, seed + 104729)
+        self.controller = self._controller(model.modalities, seed + 104729, env.task)
         self.params = list(env.params)
         self.masker = (None if options.mask == "off" else
                        CurvatureMasker(self.params, seed=seed + 15485863, **options.masker_options()))

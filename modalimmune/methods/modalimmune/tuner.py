@@ -9,7 +9,8 @@ import torch
 from ... import checks
 from ...data.missing import random_present
 from ...hypergrad import implicit_hypergradient
-from .objective import Outputs, forward_pair, normalised_effective_rank, objective_terms, task_loss
+from ..base import task_loss
+from .objective import Outputs, forward_pair, normalised_effective_rank, objective_terms
 from .options import LAMBDA_NAMES, LOG_LAMBDA_RANGE
 
 HYPER_RMS_DECAY = 0.9  # of the running mean square of the hypergradient that scales phi's steps
