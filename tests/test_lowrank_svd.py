@@ -181,28 +181,64 @@ def test_rank_deficient_factors_are_orthonormal(backend_device, dtype, case):
     torch.testing.assert_close(U @ torch.diag_embed(S) @ V.mT, A, atol=10 * tol * scale, rtol=0)
 
 
-def test_unresolved_singular_values_get_an_orthonormal_completion(backend_device):
-    """float32, rank 3 plus a 1e-4 rank-5 part, k = 16: the Gram matrix's rounding leaves the
-    trailing values at ~0; their columns of U are an orthonormal completion, orthogonal to the
-    others (no division by those values), so U stays bounded and the effective rank's gradient
-    finite (docs/ops/lowrank_svd.md, "Degenerate inputs"). The columns of values resolved only to
-    the Gram matrix's precision are orthogonal only to that precision, and are not checked."""
+GRAM_LIMITED = {  # (dtype, maker, orthonormality tolerance, rank deficient); 16 x 16, k = q = 16
+    # rank 3 plus a rank-5 part below sqrt(eps) s_1: values at or below eps s_1 and values resolved
+    # only to the Gram matrix's precision, whose Ritz vectors are not orthonormal
+    "float32": (torch.float32, lambda: (torch.randn(8, 16, 3) @ torch.randn(8, 3, 16)
+                                        + 1e-4 * torch.randn(8, 16, 5) @ torch.randn(8, 5, 16)), 1e-5, True),
+    "float64": (torch.float64, lambda: (torch.randn(8, 16, 3, dtype=F64) @ torch.randn(8, 3, 16, dtype=F64)
+                                        + 1e-8 * torch.randn(8, 16, 5, dtype=F64) @ torch.randn(8, 5, 16, dtype=F64)),
+                1e-12, True),
+    # full rank, but the power iteration's panel is beyond CholeskyQR2: Z (so Z W) loses a direction
+    "square": (torch.float32, lambda: torch.randn(8, 16, 16), 1e-5, False),
+    "geometric": (torch.float32, lambda: with_spectrum((8,), 16, 16, 0.5 ** torch.arange(16, dtype=F64)).float(),
+                  1e-5, False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GRAM_LIMITED))
+def test_gram_limited_spectra_give_orthonormal_factors(backend_device, case):
+    """U and V orthonormal to working precision where the Gram matrix cannot resolve the trailing
+    values: the columns of values at or below eps s_1 and those from the first Ritz vector that is not
+    orthonormal to the previous ones on complete the bases, orthogonal to the others (no division by
+    those values); S is the Gram matrix's, the backward and the effective rank's gradient finite
+    (docs/ops/lowrank_svd.md, "Degenerate inputs")."""
     backend, device = backend_device
-    A = torch.randn(4, 16, 3) @ torch.randn(4, 3, 16) + 1e-4 * torch.randn(4, 16, 5) @ torch.randn(4, 5, 16)
-    A = A.to(device)
-    U, S, _ = ops.lowrank_svd(A, 16, backend=backend)
-    eps = torch.finfo(torch.float32).eps
-    unresolved = S <= eps * S[..., :1]
-    resolved = S > eps ** 0.5 * S[..., :1]  # resolved beyond the Gram matrix's precision
-    assert unresolved.any()
-    for Ub, zero, kept in zip(U, unresolved, resolved):
-        completion = Ub[:, zero]
-        assert_orthonormal(completion, 1e-5)
-        assert float((Ub[:, kept].mT @ completion).abs().max()) < 1e-5
-    assert U.abs().max() <= 1 + 1e-5
-    H = A.clone().requires_grad_()
+    dtype, make, tol, rank_deficient = GRAM_LIMITED[case]
+    A = make().to(device).requires_grad_()
+    U, S, V = ops.lowrank_svd(A, 16, backend=backend)
+    assert_orthonormal(U.detach(), tol)
+    assert_orthonormal(V.detach(), tol)
+    eps = torch.finfo(dtype).eps
+    assert (S <= eps * S[..., :1]).any() or not rank_deficient
+    for Ub, Vb, Sb in zip(U.detach(), V.detach(), S.detach()):
+        zero = Sb <= eps * Sb[0]
+        for X in (Ub, Vb):  # the completion of the unresolved values is orthogonal to the other columns
+            assert ((X[:, ~zero].mT @ X[:, zero]).abs() <= tol).all()
+    # S is the Gram matrix's: its values to ~sqrt(eps) s_1 absolute
+    exact = torch.linalg.svdvals(A.detach().double().cpu())
+    torch.testing.assert_close(S.detach().double().cpu(), exact, rtol=1e-4, atol=1e-3 * float(exact.max()))
+    (U.sum() + S.sum() + V.sum()).backward()
+    assert torch.isfinite(A.grad).all()
+    H = A.detach().clone().requires_grad_()
     ops.effective_rank(H, k=16, backend=backend).sum().backward()
     assert torch.isfinite(H.grad).all()
+
+
+def test_orthonormal_ritz_vectors_are_returned_as_computed(monkeypatch):
+    """Where every Ritz vector is orthonormal to 4 q eps (a well-conditioned input), no column is
+    completed and the factors come back bit for bit as Y W / S and Z W (docs/ops/lowrank_svd.md)."""
+    calls, original = [], lr.complete_basis
+
+    def complete_basis(Q, reliable, source):
+        out = original(Q, reliable, source)
+        calls.append(bool(reliable.all()) and torch.equal(out, Q))
+        return out
+
+    monkeypatch.setattr(lr, "complete_basis", complete_basis)
+    for dtype in (torch.float32, torch.float64):
+        ops.lowrank_svd(torch.randn(4, 64, 32, dtype=dtype), 16, backend="torch")
+    assert calls == [True] * 4
 
 
 def test_svd_backward_matches_autograd_of_full_svd():

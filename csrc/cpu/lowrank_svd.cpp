@@ -262,26 +262,53 @@ void jacobi_eig(Workspace<T>& ws) {
   }
 }
 
-// Columns resolved..k-1 of q_out (m x k, row-major) become an orthonormal basis of part of the
-// complement of columns 0..resolved-1 (orthonormal): the same columns of the sketch omega
-// (n x q; its rows repeated when m > n), projected out of those and orthonormalised, twice
-// (docs/ops/lowrank_svd.md, "Degenerate inputs"). scratch: k x m, free for the call.
+// The number of columns of q_out (m x k, row-major) in the longest prefix of the first `resolved`
+// that is orthonormal: column j is while max_{i <= j} |(Q^T Q)_ij - delta_ij| <= 4 q eps (k = q: all
+// the triplets; docs/ops/lowrank_svd.md, "Degenerate inputs"). Uses ws.gram.
 template <typename T>
-void complete_basis(const T* omega, int64_t m, int64_t resolved, T* scratch, Workspace<T>& ws, T* q_out) {
-  const int64_t n = ws.n, q = ws.q, k = ws.k, c = k - resolved;
+int64_t orthonormal_prefix(const T* q_out, int64_t m, int64_t resolved, Workspace<T>& ws) {
+  const int64_t k = ws.k;
+  T* g = ws.gram.data();
+  gemm<T>(true, false, k, k, m, q_out, k, q_out, k, g, k);
+  const T tol = T(4) * static_cast<T>(k) * std::numeric_limits<T>::epsilon();
+  for (int64_t j = 0; j < resolved; ++j)
+    for (int64_t i = 0; i <= j; ++i)
+      if (!(std::fabs(g[i * k + j] - (i == j ? T(1) : T(0))) <= tol)) return j;
+  return resolved;
+}
+
+// Columns reliable..k-1 of q_out (m x k, row-major) become an orthonormal basis of part of the
+// complement of columns 0..reliable-1 (orthonormal): the same columns of q_out itself where they
+// are resolved (below `resolved`), else of the sketch omega (n x q; its rows repeated when m > n),
+// projected out of those, normalised and orthonormalised, three times (docs/ops/lowrank_svd.md,
+// "Degenerate inputs"). scratch: k x m, free for the call.
+template <typename T>
+void complete_basis(const T* omega, int64_t m, int64_t reliable, int64_t resolved, T* scratch, Workspace<T>& ws,
+                    T* q_out) {
+  const int64_t n = ws.n, q = ws.q, k = ws.k, c = k - reliable;
   T* x = ws.basis.data();  // the new columns as the rows of a c x m panel
-  for (int64_t j = 0; j < c; ++j)
-    for (int64_t i = 0; i < m; ++i) x[j * m + i] = omega[(i % n) * q + resolved + j];
-  for (int pass = 0; pass < 2; ++pass) {
-    if (resolved > 0) {  // X <- X - (X Q_r) Q_r^T
-      gemm<T>(false, false, c, resolved, m, x, m, q_out, k, ws.coef.data(), resolved);
-      gemm<T>(false, true, c, m, resolved, ws.coef.data(), resolved, q_out, k, x, m, T(-1), T(1));
+  for (int64_t j = 0; j < c; ++j) {
+    const int64_t col = reliable + j;
+    for (int64_t i = 0; i < m; ++i) x[j * m + i] = col < resolved ? q_out[i * k + col] : omega[(i % n) * q + col];
+  }
+  for (int pass = 0; pass < 3; ++pass) {
+    if (reliable > 0) {  // X <- X - (X Q_r) Q_r^T
+      gemm<T>(false, false, c, reliable, m, x, m, q_out, k, ws.coef.data(), reliable);
+      gemm<T>(false, true, c, m, reliable, ws.coef.data(), reliable, q_out, k, x, m, T(-1), T(1));
+    }
+    // unit rows: the shift of the step is relative to each of them, not to the longest
+    for (int64_t j = 0; j < c; ++j) {
+      T* row = x + j * m;
+      T norm2 = 0;
+      for (int64_t i = 0; i < m; ++i) norm2 += row[i] * row[i];
+      const T scale = T(1) / std::sqrt(std::max(norm2, std::numeric_limits<T>::min()));
+      for (int64_t i = 0; i < m; ++i) row[i] *= scale;
     }
     cholqr_step<T>(x, c, m, scratch, ws);
     std::copy(scratch, scratch + c * m, x);
   }
   for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < c; ++j) q_out[i * k + resolved + j] = x[j * m + i];
+    for (int64_t j = 0; j < c; ++j) q_out[i * k + reliable + j] = x[j * m + i];
 }
 
 // One matrix: a (n x d), omega (n x q) -> u (n x k), s (k), v (d x k), all row-major.
@@ -302,8 +329,8 @@ void lowrank_svd_one(const T* a, const T* omega, int64_t niter, Workspace<T>& ws
   jacobi_eig<T>(ws);
   for (int64_t c = 0; c < k; ++c) s[c] = static_cast<T>(std::sqrt(std::max(ws.vals[c], 0.0)));
   // U = Y E diag(1/S), V = Z E where s_c > eps s_1 (a prefix: S descends); a value at or below is
-  // zero to working precision: its columns complete the bases, from the sketch
-  // (docs/ops/lowrank_svd.md, "Degenerate inputs")
+  // zero to working precision: its columns, and those from the first one that the Gram matrix left
+  // not orthonormal on, complete the bases (docs/ops/lowrank_svd.md, "Degenerate inputs")
   const T eps = std::numeric_limits<T>::epsilon(), tiny = std::numeric_limits<T>::min();
   int64_t resolved = 0;
   for (int64_t c = 0; c < k; ++c) {
@@ -314,10 +341,11 @@ void lowrank_svd_one(const T* a, const T* omega, int64_t niter, Workspace<T>& ws
   }
   gemm<T>(true, false, d, k, q, ws.zt.data(), d, ws.eig.data(), k, v, k);
   gemm<T>(true, false, n, k, q, ws.yt.data(), n, ws.eig_scaled.data(), k, u, k);
-  if (resolved < k) {  // Y and W are no longer needed: scratch
-    complete_basis<T>(omega, n, resolved, ws.yt.data(), ws, u);
-    complete_basis<T>(omega, d, resolved, ws.wt.data(), ws, v);
-  }
+  // Y and W are no longer needed: scratch
+  const int64_t u_reliable = orthonormal_prefix<T>(u, n, resolved, ws);
+  if (u_reliable < k) complete_basis<T>(omega, n, u_reliable, resolved, ws.yt.data(), ws, u);
+  const int64_t v_reliable = orthonormal_prefix<T>(v, d, resolved, ws);
+  if (v_reliable < k) complete_basis<T>(omega, d, v_reliable, resolved, ws.wt.data(), ws, v);
 }
 
 template <typename T>

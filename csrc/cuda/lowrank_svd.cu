@@ -152,20 +152,34 @@ at::Tensor orthonormalize(const at::Tensor& y, const at::Tensor& gram, double ep
   return cholqr_step(q1, at::bmm(q1.mT(), q1), eps, tiny);
 }
 
-// q_in (b, m, q) with its columns outside `resolved` (b, q; a prefix of each row) replaced by the
-// same columns of `source`, projected out of the others and orthonormalised, twice: the resolved
-// columns of x stay exactly zero, so a fully resolved q_in comes back unchanged
+// q_in (b, m, q) with its columns outside `reliable` (b, q; a prefix of each row) replaced by the
+// same columns of `source`, projected out of the others, normalised and orthonormalised, three
+// times: the reliable columns of x stay exactly zero, so a fully reliable q_in comes back unchanged
 // (docs/ops/lowrank_svd.md, "Degenerate inputs").
-at::Tensor complete_basis(const at::Tensor& q_in, const at::Tensor& resolved, const at::Tensor& source, double eps,
+at::Tensor complete_basis(const at::Tensor& q_in, const at::Tensor& reliable, const at::Tensor& source, double eps,
                           double tiny) {
-  const at::Tensor keep = resolved.unsqueeze(-2).to(q_in.scalar_type());
+  const at::Tensor keep = reliable.unsqueeze(-2).to(q_in.scalar_type());
   const at::Tensor q_kept = q_in * keep;
   at::Tensor x = source * (1 - keep);
-  for (int pass = 0; pass < 2; ++pass) {
+  for (int pass = 0; pass < 3; ++pass) {
     x = x - at::bmm(q_kept, at::bmm(q_kept.mT(), x));
+    // unit columns: the shift of the step is relative to each of them, not to the longest
+    x = x * x.square().sum(-2, /*keepdim=*/true).clamp_min(tiny).rsqrt();
     x = cholqr_step(x, at::bmm(x.mT(), x), eps, tiny);
   }
   return q_kept + x;
+}
+
+// The longest prefix of the `resolved` columns (a prefix) of q_in (b, m, q) that is orthonormal, as a
+// (b, q) mask: column j is while max_{i <= j} |(Q^T Q)_ij - delta_ij| <= 4 q eps; the columns from
+// the first other one on complete the basis, from their own directions where resolved, else from
+// `sketch` (docs/ops/lowrank_svd.md, "Degenerate inputs").
+at::Tensor finish_factor(const at::Tensor& q_in, const at::Tensor& resolved, const at::Tensor& sketch, double eps,
+                         double tiny) {
+  const int64_t q = q_in.size(-1);
+  const at::Tensor deviation = (at::bmm(q_in.mT(), q_in) - at::eye(q, q_in.options())).abs().triu().amax(-2);
+  const at::Tensor reliable = at::logical_and(resolved, deviation <= 4.0 * q * eps).cumprod(-1).to(at::kBool);
+  return complete_basis(q_in, reliable, at::where(resolved.unsqueeze(-2), q_in, sketch), eps, tiny);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_svd_cuda(const at::Tensor& A, const at::Tensor& omega,
@@ -188,13 +202,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_svd_cuda(const at::Tensor
   const at::Tensor w = vecs.to(A.scalar_type());
   const at::Tensor s = vals.clamp_min(0).sqrt().to(A.scalar_type());
   // s_i <= eps s_1 is zero to working precision: no division by it; the columns of U and V of
-  // those values complete the bases, from the sketch (its rows repeated for V)
+  // those values, and of values whose vectors the Gram matrix left not orthonormal, complete the
+  // bases (docs/ops/lowrank_svd.md, "Degenerate inputs"), from the sketch (its rows repeated for V)
   const at::Tensor resolved = s > s.narrow(-1, 0, 1) * eps;
   const at::Tensor inverse = at::where(resolved, s.clamp_min(tiny).reciprocal(), 0);
   const int64_t n = A.size(1), d = A.size(2);
   const at::Tensor rows = at::arange(d, sketch.options().dtype(at::kLong)).remainder(n);
-  const at::Tensor u = complete_basis(at::bmm(y, w) * inverse.unsqueeze(-2), resolved, sketch, eps, tiny);
-  const at::Tensor v = complete_basis(at::bmm(z, w), resolved, sketch.index_select(1, rows), eps, tiny);
+  const at::Tensor u = finish_factor(at::bmm(y, w) * inverse.unsqueeze(-2), resolved, sketch, eps, tiny);
+  const at::Tensor v = finish_factor(at::bmm(z, w), resolved, sketch.index_select(1, rows), eps, tiny);
   return {u, s.contiguous(), v};
 }
 

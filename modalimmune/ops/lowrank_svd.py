@@ -8,7 +8,9 @@ q = min(k + oversample, n, d):
     S = sqrt(lambda)[:k],  V = Z W[:, :k],  U = Y W[:, :k] / S
 
 where a singular value zero to working precision takes its columns of U and V
-from the sketch instead (orthonormal completions, no division by it). ``orth`` is
+from the sketch instead (no division by it), and the columns from the first one
+that is not orthonormal to the previous ones (to 4 q eps) on are orthonormal
+completions of the others (docs: "Degenerate inputs"). ``orth`` is
 CholeskyQR2 with a shifted first Cholesky. The backends differ only in who runs
 this: ``torch`` (the reference below), ``triton`` (the reference with its
 products and Gram matrices from kernels/lowrank_svd.py: the op
@@ -64,18 +66,36 @@ def sorted_eigh(G):
     return vals, vecs * torch.where(pivot < 0, -1.0, 1.0)
 
 
-def complete_basis(Q, resolved, source):
-    """Q (b, m, q) with its columns outside ``resolved`` (b, q; a prefix of each row) replaced by
+def complete_basis(Q, reliable, source):
+    """Q (b, m, q) with its columns outside ``reliable`` (b, q; a prefix of each row) replaced by
     an orthonormal basis of part of the complement of the others (assumed orthonormal): the
-    same columns of ``source`` (b, m, q), projected out of them and orthonormalised, twice
-    (docs/ops/lowrank_svd.md, "Degenerate inputs"). A fully resolved Q comes back bit for bit."""
-    keep = resolved.unsqueeze(-2).to(Q.dtype)
+    same columns of ``source`` (b, m, q), projected out of them, normalised and orthonormalised,
+    three times (docs/ops/lowrank_svd.md, "Degenerate inputs": a shifted CholeskyQR3, for nearly
+    dependent sources). A fully reliable Q comes back bit for bit."""
+    keep = reliable.unsqueeze(-2).to(Q.dtype)
     Q = Q * keep
     X = source * (1 - keep)
-    for _ in range(2):
+    for _ in range(3):
         X = X - Q @ (Q.mT @ X)
-        X = _cholqr_step(X, X.mT @ X)  # the resolved columns of X stay exactly zero
+        # unit columns: the shift of the step is relative to each of them, not to the longest
+        X = X * X.square().sum(-2, keepdim=True).clamp_min(torch.finfo(X.dtype).tiny).rsqrt()
+        X = _cholqr_step(X, X.mT @ X)  # the reliable columns of X stay exactly zero
     return Q + X
+
+
+def orthonormal_prefix(Q, resolved):
+    """(b, q) mask of the longest prefix of the ``resolved`` columns (a prefix) of Q (b, m, q) that
+    is orthonormal: column j is while max_{i <= j} |(Q^T Q)_ij - delta_ij| <= 4 q eps
+    (docs/ops/lowrank_svd.md, "Degenerate inputs")."""
+    q = Q.shape[-1]
+    deviation = (Q.mT @ Q - torch.eye(q, dtype=Q.dtype, device=Q.device)).abs().triu().amax(-2)
+    return (resolved & (deviation <= 4 * q * torch.finfo(Q.dtype).eps)).cumprod(-1).bool()
+
+
+def _finish_factor(Q, resolved, sketch):
+    """Q (the Ritz vectors; its unresolved columns unused) with its columns from the first one outside
+    :func:`orthonormal_prefix` on completed: from their own directions where resolved, else from ``sketch``."""
+    return complete_basis(Q, orthonormal_prefix(Q, resolved), torch.where(resolved.unsqueeze(-2), Q, sketch))
 
 
 def lowrank_svd_reference(A, omega, niter, products=_products_torch):
@@ -91,14 +111,15 @@ def lowrank_svd_reference(A, omega, niter, products=_products_torch):
     vals, vecs = sorted_eigh(G)
     W = vecs.to(A.dtype)
     S = vals.clamp_min(0).sqrt().to(A.dtype)
-    # s_i <= eps s_1 is zero to working precision: no division by it; the columns of U and V
-    # of those values complete the bases, from the sketch (its rows repeated for V)
+    # s_i <= eps s_1 is zero to working precision: no division by it; the columns of U and V of
+    # those values, and of values whose vectors the Gram matrix left not orthonormal, complete the
+    # bases (docs/ops/lowrank_svd.md, "Degenerate inputs"), from the sketch (its rows repeated for V)
     info = torch.finfo(A.dtype)
     resolved = S > info.eps * S[..., :1]
     inverse = torch.where(resolved, S.clamp_min(info.tiny).reciprocal(), 0)
     n, d = A.shape[-2:]
-    U = complete_basis((Y @ W) * inverse.unsqueeze(-2), resolved, omega)
-    V = complete_basis(Z @ W, resolved, omega[..., torch.arange(d, device=A.device) % n, :])
+    U = _finish_factor((Y @ W) * inverse.unsqueeze(-2), resolved, omega)
+    V = _finish_factor(Z @ W, resolved, omega[..., torch.arange(d, device=A.device) % n, :])
     return U, S, V
 
 
@@ -274,7 +295,9 @@ def lowrank_svd(A, k, *, oversample=8, niter=2, generator=None, backend="auto"):
         (U (..., n, k), S (..., k) descending, V (..., d, k)) in A's dtype, differentiable.
         U and V have orthonormal columns also where A's rank is below k: the columns of
         singular values at or below eps * S[..., 0] (zero to working precision) are
-        orthonormal completions drawn from the sketch.
+        orthonormal completions drawn from the sketch, and columns that the Gram matrix
+        resolves only to its precision are orthonormalised against the previous ones
+        (to 4 q eps, q = min(k + oversample, n, d)).
     """
     check_matrices("A", A)
     return _lowrank_svd(A, k, oversample=oversample, niter=niter, generator=generator, backend=backend)
