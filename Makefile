@@ -52,7 +52,7 @@ run: install
 	$(PY) -m modalimmune info
 	$(PY) -m modalimmune compare --dataset mfeat --seeds 3 --epochs 30 --out bench/results/compare_mfeat --no-progress
 
-# the CPU microbenchmarks; each writes its table to bench/results/
+# the CPU microbenchmarks; each writes its table to bench/results/kernels/
 bench: install
 	$(PY) bench/bench_curvature_mask.py
 	$(PY) bench/bench_lowrank_svd.py

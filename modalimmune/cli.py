@@ -50,8 +50,9 @@ def _info(args):
 
 def _add_training_options(parser):
     parser.add_argument("--dataset", required=True,
-                        help="a packaged dataset (mfeat, avdigits, hapt, reviews, reviews_rating) "
-                             "or PATH.npz (one array per modality and y)")
+                        help="a packaged dataset (mfeat, avdigits, hapt, reviews, reviews_rating), "
+                             "PATH.npz (one array per modality and y) or a memory-mapped dataset folder "
+                             "(docs/benchmark.md, \"Memory-mapped folders\")")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--model", default="mlp", help="ready model: mlp or transformer")
@@ -116,7 +117,7 @@ def _trained_on(saved, path):
     if source is None:
         fail("--dataset", f"the dataset {path} was trained on", "none given, and the checkpoint records only its "
              f"name {name!r} (trained on arrays in memory, or written before model.pt recorded the dataset's path)")
-    if source not in DATASETS and not os.path.isfile(source):
+    if source not in DATASETS and not os.path.exists(source):
         raise FileNotFoundError(f"--dataset: {path} was trained on {source}, which is no longer there (moved or "
                                 "deleted?); give its new path with --dataset")
     return source
@@ -175,7 +176,8 @@ def build_parser():
     evaluate = commands.add_parser("eval", help="the evaluation protocol on a trained model.pt")
     evaluate.add_argument("--checkpoint", required=True, help="a model.pt written by train")
     evaluate.add_argument("--dataset", default=None,
-                          help="default: the dataset model.pt records (a packaged name or the .npz's absolute path)")
+                          help="default: the dataset model.pt records (a packaged name, or the absolute path of "
+                               "the .npz or the memory-mapped folder)")
     evaluate.add_argument("--out", required=True)
     evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the random drop and noise patterns")

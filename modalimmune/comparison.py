@@ -5,7 +5,7 @@ with the same protocol, aggregated into a report. It sits above ``train`` and
 import os
 
 from . import distributed
-from .data import MultimodalDataset, load_dataset
+from .data import as_data, load_dataset
 from .eval.metrics import robustness
 from .eval.protocol import evaluate
 from .eval.report import build_report, write_json, write_report
@@ -17,7 +17,8 @@ REFERENCE_METHOD = "erm"
 
 
 def compare(dataset, methods, seeds, out_dir, *, save_models=False, log=print, **config):
-    """Trains ``methods`` (specs like ``"moddrop[p=0.3]"``) with each of ``seeds``
+    """Trains ``methods`` (specs like ``"moddrop[p=0.3]"``) on ``dataset`` (a name or a path for
+    :func:`load_dataset`, or what :func:`modalimmune.data.as_data` takes) with each of ``seeds``
     (a count or a list) and writes ``out_dir/report.{json,md}``, the plots and,
     per run, ``runs/METHOD/seedS/{metrics.jsonl,eval.json}`` (and ``model.pt``
     with ``save_models``). ``config``: TrainConfig
@@ -27,8 +28,7 @@ def compare(dataset, methods, seeds, out_dir, *, save_models=False, log=print, *
     distributed.require_one_process("compare")
     if isinstance(dataset, (str, os.PathLike)):
         dataset = load_dataset(dataset, split_seed=config.get("split_seed", 0))
-    if not isinstance(dataset, MultimodalDataset):
-        raise TypeError(f"dataset: expected a name, a path or a MultimodalDataset, got {type(dataset).__name__}")
+    dataset = as_data(dataset)  # read once for every run
     if not methods or len(set(methods)) != len(methods):
         raise ValueError(f"methods: expected distinct method specs, got {methods!r}")
     for spec in methods:  # unknown names, bad options and options the data cannot serve fail before any training

@@ -104,6 +104,34 @@ def test_changing_one_text_or_the_weights_makes_a_new_entry(tmp_path):
     np.testing.assert_array_equal(reweighted[:, 0], 3 * original[:, 0])
 
 
+def test_a_second_run_reads_the_cache_and_trains_identically(tmp_path):
+    """The frozen encoder's embeddings as a dataset's modality: the second run encodes nothing and trains
+    the same parameters, bit for bit (docs/encoders.md)."""
+    from modalimmune.data import MultimodalDataset
+    from modalimmune.models import build_model
+    from modalimmune.train import Trainer
+
+    texts = [f"item {i} " + "a" * (i % 7) + " b" * (i % 5) for i in range(150)]
+    labels = np.array([(i % 7 + i % 5) % 3 for i in range(150)])
+    tabular = np.random.default_rng(0).normal(size=(150, 5)).astype(np.float32) + labels[:, None]
+
+    def run(name):
+        encoder = FakeEncoder()
+        embeddings = cached_embeddings(encoder, texts, cache_dir=tmp_path / "cache", progress=False)
+        data = MultimodalDataset({"text": embeddings, "tabular": tabular}, labels, name="texts")
+        torch.manual_seed(0)
+        model = build_model("mlp", data.spec, data.num_outputs, hidden=16, embed_dim=8, fused_dim=16)
+        trainer = Trainer(model, data, out_dir=tmp_path / name, epochs=2, batch_size=32, progress=False,
+                          method="modalimmune")
+        trainer.fit()
+        return encoder.calls, trainer.model.state_dict(), (tmp_path / name / "metrics.jsonl").read_text()
+
+    (first_calls, first, first_log), (second_calls, second, second_log) = run("first"), run("second")
+    assert first_calls == -(-len(texts) // 4) and second_calls == 0
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert first_log == second_log
+
+
 def test_fingerprint_is_stable_and_covers_kind_config_and_weights():
     assert FakeEncoder().fingerprint() == FakeEncoder().fingerprint()
     assert FakeEncoder(dim=3).fingerprint() != FakeEncoder().fingerprint()
@@ -168,9 +196,12 @@ def test_an_interrupted_write_leaves_no_entry(tmp_path, monkeypatch):
     assert len(files(tmp_path / "fake")) == 1
 
 
-BAD_INPUTS = [
-    ("width", TEXTS, ValueError, r"encoder: expected embeddings of shape \(4, 4\).* got \(4, 3\) for texts_or_arrays"),
-    ("nan", TEXTS, ValueError, r"encoder: expected finite embeddings, got NaN or Inf for texts_or_arrays\[5\]"),
+LONGEST_FIRST = sorted(range(len(TEXTS)), key=lambda i: -len(TEXTS[i]))  # the cache's encoding order
+BAD_INPUTS = [  # the fake's third batch (rows 8-11 of that order) too narrow, or row 1 of its second NaN
+    ("width", TEXTS, ValueError, r"encoder: expected embeddings of shape \(4, 4\).* got \(4, 3\) for the batch of "
+                                 rf"texts_or_arrays\[{LONGEST_FIRST[8]}\]"),
+    ("nan", TEXTS, ValueError,
+     rf"encoder: expected finite embeddings, got NaN or Inf for texts_or_arrays\[{LONGEST_FIRST[5]}\]"),
     (None, TEXTS[:3] + [7] + TEXTS[3:], TypeError, r"texts_or_arrays\[3\]: expected a str, got int 7"),
     (None, TEXTS[:2] + [None], TypeError, r"texts_or_arrays\[2\]: expected a str \(a missing text needs allow_m"),
     (None, [b"bytes"], TypeError, r"texts_or_arrays\[0\]: expected a str, got bytes"),
@@ -210,7 +241,7 @@ def test_missing_texts_get_zero_rows_when_allowed(tmp_path):
     encoder = FakeEncoder()
     texts = [None, TEXTS[0], None, TEXTS[1], TEXTS[2]]
     embeddings = cached_embeddings(encoder, texts, cache_dir=tmp_path, progress=False, allow_missing=True)
-    assert encoder.seen == TEXTS[:3]
+    assert sorted(encoder.seen) == sorted(TEXTS[:3])  # each present text once (longest first)
     np.testing.assert_array_equal(embeddings[[0, 2]], 0)
     np.testing.assert_array_equal(embeddings[[1, 3, 4]], encoder(TEXTS[:3]).detach().numpy())
     encoder.seen = []

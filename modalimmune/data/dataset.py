@@ -3,56 +3,23 @@ train/val/test split, standardisation fitted on the training split only, padded
 variable-length sequences with their masks, the modalities each sample has
 (natural missingness) and classification or regression targets (docs/benchmark.md)."""
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 
-from ..checks import choice, fail, integer
+from ..checks import choice, fail
+from .base import (
+    SPLITS,
+    TASKS,
+    Batch,
+    ModalitySpec,
+    MultimodalData,
+    _without_absent,
+    counted_rows,
+    guarded_std,
+    standardized,
+)
 
-SPLITS = ("train", "val", "test")
-TASKS = ("classification", "regression")
 TARGET_BINS = 10  # a regression split is stratified by the decile of the target
-
-
-@dataclass
-class Batch:
-    """One mini-batch: ``inputs[name]`` is ``(B, d)`` (vectors) or ``(B, T, d)``
-    (sequences, padded), ``masks[name]`` the ``(B, T)`` bool mask of real steps
-    (sequence modalities only), ``labels`` ``(B,)`` int64 class indices or, for
-    regression, float32 targets; ``present`` the ``(B, M)`` bool mask of the
-    modalities each sample has, in the dataset's modality order (None: the data
-    has no missing modality)."""
-
-    inputs: dict
-    labels: torch.Tensor
-    masks: dict = field(default_factory=dict)
-    present: torch.Tensor = None
-
-    def __len__(self):
-        return self.labels.shape[0]
-
-    def to(self, device):
-        move = lambda d: {k: v.to(device, non_blocking=True) for k, v in d.items()}  # noqa: E731
-        present = None if self.present is None else self.present.to(device, non_blocking=True)
-        return Batch(move(self.inputs), self.labels.to(device), move(self.masks), present)
-
-    def replace(self, name, value):
-        """A batch with modality ``name``'s input replaced by ``value``."""
-        return Batch({**self.inputs, name: value}, self.labels, self.masks, self.present)
-
-
-@dataclass(frozen=True)
-class ModalitySpec:
-    """What a model needs to know about one modality: its feature dimension and,
-    for sequences, the padded length."""
-
-    dim: int
-    max_len: int = 0  # 0: a single vector per sample
-
-    @property
-    def is_sequence(self):
-        return self.max_len > 0
 
 
 def _numeric_tensor(name, value, what):
@@ -68,15 +35,20 @@ def _numeric_tensor(name, value, what):
     return value.detach()
 
 
+def _float_features(name, value):
+    """``value`` (a Tensor or an ndarray of numbers; bools refused) as a float32 tensor on the CPU."""
+    tensor = _numeric_tensor(name, value, "numeric features")
+    if not (tensor.is_floating_point() or tensor.dtype in (torch.uint8, torch.int16, torch.int32, torch.int64)):
+        fail(name, "numeric features", f"dtype {tensor.dtype}", TypeError)
+    return tensor.to("cpu", torch.float32)
+
+
 def _as_float_tensor(name, value):
     if isinstance(value, (list, tuple)):  # variable-length sequences
         return [_as_float_tensor(f"{name}[{i}]", v) for i, v in enumerate(value)]
     if not isinstance(value, (torch.Tensor, np.ndarray)):
         fail(name, "a Tensor, an ndarray or a list of them", type(value).__name__, TypeError)
-    tensor = _numeric_tensor(name, value, "numeric features")
-    if not (tensor.is_floating_point() or tensor.dtype in (torch.uint8, torch.int16, torch.int32, torch.int64)):
-        fail(name, "numeric features", f"dtype {tensor.dtype}", TypeError)
-    tensor = tensor.to("cpu", torch.float32)
+    tensor = _float_features(name, value)
     if tensor.ndim not in (2, 3):
         fail(name, "samples first: (N, d), (N, T, d) or a list of N (T_i, d)", f"shape {tuple(tensor.shape)}")
     return tensor
@@ -87,9 +59,11 @@ def _first_sample(bad):
     return int(bad.reshape(bad.shape[0], -1).any(1).nonzero()[0, 0])
 
 
-def _check_finite(name, tensor):
+def _check_finite(name, tensor, positions=None):
+    """Refuses NaN or Inf, naming the first bad sample (its row, or its entry of ``positions``)."""
     if not torch.isfinite(tensor).all():
-        fail(name, "finite features", f"NaN or Inf in sample {_first_sample(~torch.isfinite(tensor))}")
+        row = _first_sample(~torch.isfinite(tensor))
+        fail(name, "finite features", f"NaN or Inf in sample {row if positions is None else int(positions[row])}")
 
 
 def _as_labels(name, labels):
@@ -160,13 +134,6 @@ def _as_present(present, names, count):
     return mask
 
 
-def _without_absent(value, kept):
-    """``value`` (a tensor or a list of sequences) with the samples not ``kept`` zeroed, whatever they held."""
-    if isinstance(value, list):
-        return [item if keep else torch.zeros_like(item) for item, keep in zip(value, kept.tolist())]
-    return torch.where(kept.view(-1, *[1] * (value.ndim - 1)), value, 0.0)
-
-
 def _pad(name, sequences, lengths, kept=None):
     """Stacks a list of (T_i, d) tensors, or checks a padded (N, T, d) tensor and its
     lengths; returns (padded, mask). ``kept``: the samples that have the modality (None:
@@ -214,6 +181,11 @@ def stratified_split(labels, fractions, seed):
     return {split: torch.sort(torch.cat(idx)).values for split, idx in parts.items()}
 
 
+def check_fractions(fractions):
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6 or fractions[0] <= 0:
+        fail("fractions", "(train, val, test) >= 0 summing to 1 with train > 0", repr(fractions))
+
+
 def _given_split(name, index, count):
     """A split the user chose: distinct dataset positions in [0, count), at least one, in dataset order."""
     index = _numeric_tensor(name, index if isinstance(index, torch.Tensor) else np.asarray(index),
@@ -249,7 +221,7 @@ def _automatic_splits(labels, fractions, seed):
     return splits
 
 
-class MultimodalDataset:
+class MultimodalDataset(MultimodalData):
     """Samples with M named modalities and a class label or a regression target.
 
     ``modalities``: ``{name: array}`` in the order the modalities are reported;
@@ -277,7 +249,8 @@ class MultimodalDataset:
     training samples that have it. ``source``: where the data can be loaded again (a
     packaged dataset's name or an ``.npz``'s absolute path, as :func:`load_dataset`
     sets it; None for arrays given in memory); ``model.pt`` records it so that
-    ``modalimmune eval`` finds the data.
+    ``modalimmune eval`` finds the data. The in-memory implementation of
+    :class:`MultimodalData`; ``statistics`` holds the ``{name: (mean, std)}`` it standardised with.
     """
 
     def __init__(self, modalities, labels, *, lengths=None, present=None, task="classification", name="custom",
@@ -293,8 +266,7 @@ class MultimodalDataset:
         for key in lengths:
             if key not in modalities:
                 fail("lengths", f"keys among the modalities ({', '.join(modalities)})", repr(key))
-        if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6 or fractions[0] <= 0:
-            fail("fractions", "(train, val, test) >= 0 summing to 1 with train > 0", repr(fractions))
+        check_fractions(fractions)
         choice("task", task, TASKS)
         if task == "classification":
             labels = _as_labels("labels", labels)
@@ -329,44 +301,24 @@ class MultimodalDataset:
             splits, split_seed = _given_splits(splits, n), None
         self.name, self.source, self.split_seed, self.task = name, source, split_seed, task
         self.classes, self.labels, self.inputs, self.masks, self.splits = classes, labels, inputs, masks, splits
-        self.present = present
+        self.present, self.natural_missingness = present, present is not None
         if standardize:
             self._standardize()
 
     def _standardize(self):
-        train = self.splits["train"]
+        train, statistics = self.splits["train"], {}
         for position, (key, value) in enumerate(self.inputs.items()):
-            rows = value[train]
-            real = self.masks[key][train] if key in self.masks else None
-            if self.present is not None:  # statistics over the training samples that have the modality
-                kept = self.present[train, position]
-                rows, real = rows[kept], None if real is None else real[kept]
-                if not len(rows):
-                    fail("present", f"modality {key!r} in at least one training sample (its statistics)", "none")
-            if real is not None:  # statistics over the real steps only
-                rows = rows[real]
-            mean, std = rows.mean(0), rows.std(0)
-            std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant features stay put
-            value = (value - mean) / std
-            if key in self.masks:
-                value = value * self.masks[key][..., None]
-            if self.present is not None:
-                value = _without_absent(value, self.present[:, position])
-            self.inputs[key] = value
+            kept = None if self.present is None else self.present[train, position]
+            rows = counted_rows(value[train], self.masks[key][train] if key in self.masks else None, kept)
+            if not len(rows):  # statistics over the training samples that have the modality
+                fail("present", f"modality {key!r} in at least one training sample (its statistics)", "none")
+            statistics[key] = (rows.mean(0), guarded_std(rows.std(0)))  # constant features stay put
+        self.statistics = statistics
+        self.inputs = standardized(self.inputs, self.masks, self.present, statistics)
 
     @property
     def modalities(self):
         return tuple(self.inputs)
-
-    @property
-    def num_classes(self):
-        """The number of classes; None for regression."""
-        return None if self.classes is None else len(self.classes)
-
-    @property
-    def num_outputs(self):
-        """The model's output size: the number of classes, or 1 for regression."""
-        return 1 if self.classes is None else len(self.classes)
 
     @property
     def spec(self):
@@ -375,9 +327,6 @@ class MultimodalDataset:
 
     def __len__(self):
         return len(self.labels)
-
-    def split_size(self, split):
-        return len(self.indices(split))
 
     def indices(self, split):
         return self.splits[choice("split", split, SPLITS)]
@@ -405,16 +354,6 @@ class MultimodalDataset:
         present = None if self.present is None else self.present[index]
         return Batch({k: v[index] for k, v in self.inputs.items()}, self.labels[index],
                      {k: m[index] for k, m in self.masks.items()}, present)
-
-    def batches(self, split, batch_size, *, order=None):
-        """Batches of ``split`` in ``order`` (a permutation of the split's positions;
-        default: dataset order)."""
-        integer("batch_size", batch_size, 1)
-        index = self.indices(split)
-        if order is not None:
-            index = index[order]
-        for start in range(0, len(index), batch_size):
-            yield self.batch(index[start:start + batch_size])
 
     def __repr__(self):
         shapes = ", ".join(f"{k}{tuple(v.shape[1:])}" for k, v in self.inputs.items())

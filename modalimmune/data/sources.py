@@ -1,4 +1,4 @@
-"""The packaged real datasets and ``.npz`` files (docs/benchmark.md, "Datasets").
+"""The packaged real datasets, ``.npz`` files and memory-mapped folders (docs/benchmark.md, "Datasets").
 
 The data files ship inside third-party packages, read without importing them
 (``packaged.py``); ``hapt`` and ``reviews`` have modules of their own. Nothing is
@@ -16,6 +16,7 @@ import numpy as np
 from ..checks import fail
 from .dataset import MultimodalDataset, _as_labels
 from .hapt import hapt_dataset
+from .memmap import MemmapDataset
 from .packaged import ArraysOnly, package_file
 from .reviews import reviews_dataset
 
@@ -120,13 +121,16 @@ DATASETS = tuple(PACKAGED)
 
 
 def load_dataset(dataset, *, split_seed=0):
-    """A packaged dataset's name (``DATASETS``) or a path to an ``.npz`` file, as a
-    MultimodalDataset whose ``source`` (the name, or the file's absolute path) loads it again."""
+    """A packaged dataset's name (``DATASETS``), a path to an ``.npz`` file (a MultimodalDataset) or to a
+    memory-mapped dataset folder (a MemmapDataset), whose ``source`` (the name, or the absolute path)
+    loads it again."""
     if not isinstance(dataset, (str, os.PathLike)):
         fail("dataset", "a name or a path", type(dataset).__name__, TypeError)
     dataset = os.fspath(dataset)
     if dataset in PACKAGED:
         return PACKAGED[dataset](split_seed)
+    if os.path.isdir(dataset):
+        return MemmapDataset(dataset, split_seed=split_seed)
     if dataset.endswith(".npz"):
         if not os.path.isfile(dataset):
             raise FileNotFoundError(f"dataset: no such file {dataset}")
@@ -137,4 +141,5 @@ def load_dataset(dataset, *, split_seed=0):
                                      source=os.path.abspath(dataset))
         except (TypeError, ValueError) as error:  # say which file
             raise (TypeError if isinstance(error, TypeError) else ValueError)(f"dataset: {dataset}: {error}") from None
-    fail("dataset", f"{', '.join(DATASETS)} or the path of an .npz file", repr(dataset))
+    fail("dataset", f"{', '.join(DATASETS)} or the path of an .npz file",
+         f"{dataset!r} (nor is it a memory-mapped dataset folder)")

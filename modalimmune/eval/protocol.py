@@ -63,21 +63,23 @@ class _Cache:
 
 
 def _check(model, dataset, split):
-    from ..data import MultimodalDataset
+    """``dataset`` as the data interface, checked against ``model`` and ``split``."""
+    from ..data import as_data
 
-    if not isinstance(dataset, MultimodalDataset):
-        raise TypeError(f"dataset: expected a MultimodalDataset, got {type(dataset).__name__}")
+    dataset = as_data(dataset)
     if tuple(getattr(model, "modalities", ())) != dataset.modalities:
         raise ValueError(f"model: its modalities {list(getattr(model, 'modalities', []))} differ from the "
                          f"dataset's {list(dataset.modalities)}")
     if dataset.split_size(split) == 0:
         raise ValueError(f"split: {split!r} of this dataset is empty")
+    return dataset
 
 
 @torch.no_grad()
 def evaluate(model, dataset, split="test", seed=0, *, drop_rates=metrics.DROP_RATES, snr_db=SNR_DB,
              reference_curve=None, reference_corruption=None, batch_size=512, device=None):
-    """Accuracy of ``model`` on ``split`` of ``dataset`` under missing and corrupted modalities.
+    """Accuracy of ``model`` on ``split`` of ``dataset`` (MultimodalData, or what
+    :func:`modalimmune.data.as_data` takes) under missing and corrupted modalities.
 
     Every figure is the task's ``metric`` (named in the result): ``accuracy``, or for a
     regression task ``mae``, the mean absolute error (the keys below then end in ``_mae``;
@@ -103,7 +105,7 @@ def evaluate(model, dataset, split="test", seed=0, *, drop_rates=metrics.DROP_RA
     ``reconstruction_r2`` per modality when the model decodes (its pooled
     embedding predicted with that modality missing), else None.
     """
-    _check(model, dataset, split)
+    dataset = _check(model, dataset, split)
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()

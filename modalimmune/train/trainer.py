@@ -7,6 +7,7 @@ non-finite steps (docs/distributed.md)."""
 import contextlib
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from .. import distributed
 from ..data.missing import random_present
+from ..data.user import as_data
 from ..methods import MethodRunner, build_method
 from . import checkpoint
 from .config import VAL_DROP, TrainConfig
@@ -129,27 +131,34 @@ class MetricsLog:
 
 class SplitCycle:
     """``next()`` of a split's batches, cycled: each pass over the split in a fresh order (a function
-    of ``seed`` and the pass only), moved to ``device``. Its position is part of the checkpoint. The
-    Trainer gives one over the validation split to its method (``MethodEnv.validation_batch``)."""
+    of ``seed`` and the pass only; a stream: its own order), moved to ``device``. Its position is part
+    of the checkpoint. The Trainer gives one over the validation split to its method
+    (``MethodEnv.validation_batch``)."""
 
     def __init__(self, dataset, split, batch_size, seed, device):
         self.dataset, self.split, self.batch_size, self.seed, self.device = dataset, split, batch_size, seed, device
-        self.cursor, self.passes = 0, 0
+        self.cursor, self.passes, self._stream = 0, 0, None
 
     def __call__(self):
-        index = self.dataset.indices(self.split)
-        if self.cursor >= len(index):
-            self.cursor, self.passes = 0, self.passes + 1
-        order = torch.randperm(len(index), generator=torch.Generator().manual_seed(self.seed + self.passes))
-        batch = self.dataset.batch(index[order[self.cursor:self.cursor + self.batch_size]]).to(self.device)
+        if self.cursor >= self.dataset.split_size(self.split):
+            self.cursor, self.passes, self._stream = 0, self.passes + 1, None
+        if self.dataset.random_access:
+            index = self.dataset.indices(self.split)
+            order = torch.randperm(len(index), generator=torch.Generator().manual_seed(self.seed + self.passes))
+            batch = self.dataset.batch(index[order[self.cursor:self.cursor + self.batch_size]])
+        else:
+            if self._stream is None:  # a new pass, or a restored one replayed up to the cursor
+                self._stream = itertools.islice(self.dataset.batches(self.split, self.batch_size),
+                                                self.cursor // self.batch_size, None)
+            batch = next(self._stream)
         self.cursor += self.batch_size
-        return batch
+        return batch.to(self.device)
 
     def state_dict(self):
         return {"cursor": self.cursor, "passes": self.passes}
 
     def load_state_dict(self, state):
-        self.cursor, self.passes = int(state["cursor"]), int(state["passes"])
+        self.cursor, self.passes, self._stream = int(state["cursor"]), int(state["passes"]), None
 
 
 def host_floats(records):
@@ -199,7 +208,8 @@ def _check_model(model, dataset):
 
 
 class Trainer:
-    """Trains ``model`` on ``dataset`` with ``config`` (a TrainConfig, or its
+    """Trains ``model`` on ``dataset`` (MultimodalData, or what :func:`modalimmune.data.as_data` takes:
+    a torch Dataset of dict samples, ``{"train", "val", "test"}`` iterables) with ``config`` (a TrainConfig, or its
     fields as keyword arguments). With ``out_dir``, writes ``metrics.jsonl``,
     and, when ``checkpoints``, ``checkpoint.pt`` and the final ``model.pt``; a
     fresh run refuses an ``out_dir`` that holds a run unless ``overwrite``."""
@@ -210,6 +220,7 @@ class Trainer:
         config = config if config is not None else TrainConfig(**fields)
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+        dataset = as_data(dataset)
         _check_model(model, dataset)
         self.config, self.dataset, self.out_dir, self.checkpoints = config, dataset, out_dir, checkpoints
         self.overwrite = overwrite
@@ -219,8 +230,8 @@ class Trainer:
         self.bf16 = resolve_bf16(config.bf16, self.device)
         self.model = model.to(self.device)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        micro = math.ceil(dataset.split_size("train") / config.batch_size)
-        self.steps_per_epoch = math.ceil(micro / config.grad_accum)
+        self.micro_batches_per_epoch = math.ceil(dataset.split_size("train") / config.batch_size)
+        self.steps_per_epoch = math.ceil(self.micro_batches_per_epoch / config.grad_accum)
         self.total_steps = config.epochs * self.steps_per_epoch
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -245,9 +256,24 @@ class Trainer:
 
     def epoch_order(self, epoch):
         """The training order of ``epoch``: a function of the seed and the epoch only,
-        so a resumed run sees the same batches."""
+        so a resumed run sees the same batches (data with random access)."""
         generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
         return torch.randperm(self.dataset.split_size("train"), generator=generator)
+
+    def micro_batches(self, epoch, start=0):
+        """The micro-batches of ``epoch`` from the ``start``-th on, each as (this rank's rows of it, their
+        slice, the micro-batch's size): chunks of ``epoch_order``, or for a stream its pass read from the
+        beginning, the first ``start`` skipped (docs/benchmark.md, "Your own torch data")."""
+        size = self.config.batch_size
+        if not self.dataset.random_access:
+            for batch in itertools.islice(self.dataset.batches("train", size), start, None):
+                rows = distributed.shard_rows(len(batch))
+                yield batch.select(rows), rows, len(batch)
+            return
+        index = self.dataset.indices("train")
+        for chunk in torch.split(self.epoch_order(epoch), size)[start:]:
+            rows = distributed.shard_rows(len(chunk))  # this rank's part of the batch
+            yield self.dataset.batch(index[chunk[rows]]), rows, len(chunk)
 
     @torch.no_grad()
     def validate(self):
@@ -417,25 +443,22 @@ class Trainer:
     def _run_epoch(self, bar, max_steps):
         config, state = self.config, self.state
         epoch = state["epoch"]
-        chunks = list(torch.split(self.epoch_order(epoch), config.batch_size))
-        index = self.dataset.indices("train")
+        micro_batches = self.micro_batches(epoch, state["batch"])
         reduces = getattr(self.method, "reduces_gradients", False)
-        while state["batch"] < len(chunks):
-            group = chunks[state["batch"]:state["batch"] + config.grad_accum]
+        while state["batch"] < self.micro_batches_per_epoch:
+            group = min(config.grad_accum, self.micro_batches_per_epoch - state["batch"])
             self.optimizer.zero_grad(set_to_none=True)
             self.runner.step, self.runner.epoch = state["step"], epoch
             logs, weights = [], []
-            for chunk in group:
-                rows = distributed.shard_rows(len(chunk))  # this rank's part of the batch
-                local = chunk[rows]
-                weight = len(local) / len(chunk)  # its share of the batch mean
-                batch = self.dataset.batch(index[local]).to(self.device)
+            for batch, rows, size in itertools.islice(micro_batches, group):
+                weight = len(batch) / size  # its share of the batch mean
+                batch = batch.to(self.device)
                 with self.autocast():
-                    logs.append(self.runner(batch, share=(1.0 if reduces else weight) / len(group), rows=rows,
-                                            global_rows=len(chunk)))
+                    logs.append(self.runner(batch, share=(1.0 if reduces else weight) / group, rows=rows,
+                                            global_rows=size))
                 weights.append(weight)
             stop = self._apply_step([d["loss"] for d in logs], reduce=not reduces)
-            state["batch"] += len(group)
+            state["batch"] += group
             state["step"] += 1
             bar.update(1)
             if state["step"] % config.log_every == 0:
