@@ -1,4 +1,4 @@
-"""Command line: ``modalimmune info|train|eval|compare`` (also ``python -m modalimmune``)."""
+"""Command line: ``modalimmune info|train|eval|compare|report`` (also ``python -m modalimmune``)."""
 
 import argparse
 import json
@@ -155,6 +155,13 @@ def _compare(args):
     return 0
 
 
+def _report(args):
+    from .comparison import rebuild_report
+
+    rebuild_report(args.out)
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="modalimmune", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +199,10 @@ def build_parser():
     comp.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     comp.add_argument("--save-models", action="store_true", help="keep each run's model.pt")
     comp.set_defaults(run=_compare)
+
+    report = commands.add_parser("report", help="write a compare folder's report and plots again from its runs")
+    report.add_argument("--out", required=True, help="a folder written by compare")
+    report.set_defaults(run=_report)
     return parser
 
 

@@ -2,9 +2,10 @@
 with the same protocol, aggregated into a report. It sits above ``train`` and
 ``eval`` (which do not import each other)."""
 
+import json
 import os
 
-from . import distributed
+from . import checks, distributed
 from .data import as_data, load_dataset
 from .eval.metrics import robustness
 from .eval.protocol import evaluate
@@ -67,6 +68,30 @@ def compare(dataset, methods, seeds, out_dir, *, save_models=False, log=print, *
                                                 against["corruption"][name][family][metric], metric))
             write_json(os.path.join(out_dir, "runs", spec, f"seed{seed}", "eval.json"), result)
     report = build_report(dataset.name, dataset.modalities, seeds, runs)
+    paths = write_report(out_dir, report, runs)
+    log("wrote " + ", ".join(paths.values()))
+    return report
+
+
+def rebuild_report(out_dir, log=print):
+    """Writes ``out_dir``'s report.json, report.md and plots again from its runs (``runs/METHOD/seedS/eval.json``,
+    the methods and seeds its report.json lists), with this version's report; returns the report."""
+    path = os.path.join(out_dir, "report.json")
+    if not os.path.isfile(path):
+        checks.fail("out", "a folder written by compare (with report.json)", repr(os.fspath(out_dir)),
+                    FileNotFoundError)
+    with open(path) as file:
+        previous = json.load(file)
+    runs = {}
+    for method in previous["methods"]:
+        runs[method] = []
+        for seed in previous["seeds"]:
+            run = os.path.join(out_dir, "runs", method, f"seed{seed}", "eval.json")
+            if not os.path.isfile(run):
+                checks.fail("out", "the evaluation of every run the report lists", f"no {run}", FileNotFoundError)
+            with open(run) as file:
+                runs[method].append(json.load(file))
+    report = build_report(previous["dataset"], previous["modalities"], previous["seeds"], runs)
     paths = write_report(out_dir, report, runs)
     log("wrote " + ", ".join(paths.values()))
     return report

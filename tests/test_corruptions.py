@@ -366,8 +366,60 @@ def test_curve_on_raw_text_before_a_frozen_encoder(one_hot_data):
         c.corruption_curve(cache, "a", "typo", texts=texts[:3] + [texts[3][:-1]], encode_text=encode)
     with pytest.raises(ValueError, match=r"^texts: expected a list of 4 lists"):
         c.corruption_curve(cache, "a", "typo", texts=texts[:1], encode_text=encode)
-    with pytest.raises(ValueError, match=r"^encode_text: expected a tensor of shape \(128, 2\)"):
+    with pytest.raises(ValueError, match=r"^encode_text: expected a tensor of shape \(400, 2\) \(the split's texts\)"):
         c.corruption_curve(cache, "a", "typo", texts=texts, encode_text=lambda t: torch.zeros(len(t), 3))
+
+
+def yes_no_texts(labels, present=None):
+    """"... yes" for class 1, "... no" for class 0; None where ``present`` is false."""
+    return [None if present is not None and not present[i] else "the answer is " + ("yes" if y else "no")
+            for i, y in enumerate(labels.tolist())]
+
+
+def yes_no_encoder(calls):
+    """A frozen "encoder": the one-hot of whether "yes" is a word (zeros for a missing text); counts its calls."""
+    def encode(texts):
+        calls.append(len(texts))
+        return torch.eye(2)[[int("yes" in (t or "").split()) for t in texts]] * torch.tensor(
+            [[t is not None] for t in texts])
+    return encode
+
+
+def test_raw_texts_are_corrupted_before_the_encoder_in_evaluate():
+    """A dataset whose modality ``a`` is the encoding of raw texts (``raw_texts``): evaluate adds the text
+    families at TEXT_LEVELS, encodes the split's corrupted texts once per level, with the same draws for
+    every seed, and scores only the samples that have a text (one in five has none)."""
+    from modalimmune import evaluate
+
+    y = torch.arange(1000) % 2
+    present = torch.ones(1000, 3, dtype=torch.bool)
+    present[::5, 0] = False
+    texts, calls = yes_no_texts(y, present[:, 0]), []
+    data = MultimodalDataset({"a": torch.eye(2)[y], "b": torch.randn(1000, 3), "c": torch.randn(1000, 1)}, y,
+                             present=present, standardize=False, raw_texts={"a": (texts, yes_no_encoder(calls))})
+    assert torch.equal(data.text_input("a", texts), data.inputs["a"])
+    calls.clear()
+    first, second = (evaluate(Oracle(), data, seed=s, batch_size=64)["corruption"]["a"] for s in (0, 1))
+    assert set(first) == set(c.VECTOR_FAMILIES + c.TEXT_FAMILIES)
+    n = data.split_size("test")
+    assert calls == [n] * 2 * 3 * (len(c.TEXT_LEVELS) - 1)  # per seed, family and corrupted level: one call
+    for family in c.TEXT_FAMILIES:
+        assert first[family]["levels"] == list(c.TEXT_LEVELS) and first[family] == second[family]  # the same draws
+    test = data.indices("test")
+    ones, has = (y[test] == 1), present[test, 0]
+    clean = first["letter_swap"]["accuracy"][0]  # a sample without its text: the oracle says class 0
+    assert clean == pytest.approx((~(~has & ones)).double().mean().item())
+    for level, accuracy in zip(c.TEXT_LEVELS, first["letter_swap"]["accuracy"]):
+        within_binomial(clean - accuracy, level * (has & ones).double().mean().item(), n)
+    with pytest.raises(ValueError, match=r"raw_texts: expected keys among the vector modalities \(a, b, c\), got 'd'"):
+        MultimodalDataset({"a": torch.eye(2)[y], "b": torch.randn(1000, 3), "c": torch.randn(1000, 1)}, y,
+                          raw_texts={"d": (texts, yes_no_encoder([]))})
+    with pytest.raises(TypeError, match=r"raw_texts\['a'\] text 0: expected None \(the sample lacks the modality\)"):
+        MultimodalDataset({"a": torch.eye(2)[y], "b": torch.randn(1000, 3), "c": torch.randn(1000, 1)}, y,
+                          present=present, raw_texts={"a": (yes_no_texts(y), yes_no_encoder([]))})
+    with pytest.raises(ValueError, match=r"raw_texts\['a'\]: expected 1000 texts \(one per sample\), got 999"):
+        MultimodalDataset({"a": torch.eye(2)[y], "b": torch.randn(1000, 3), "c": torch.randn(1000, 1)}, y,
+                          raw_texts={"a": (yes_no_texts(y)[1:], yes_no_encoder([]))})
 
 
 def test_curve_matches_a_direct_evaluation():

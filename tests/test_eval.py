@@ -9,9 +9,11 @@ import torch
 from test_data import single_thread, tiny_dataset  # noqa: F401 (autouse fixture)
 
 from modalimmune import evaluate
+from modalimmune.cli import main
+from modalimmune.comparison import rebuild_report
 from modalimmune.data import MultimodalDataset
 from modalimmune.eval import metrics, plots
-from modalimmune.eval.report import build_report, markdown, write_report
+from modalimmune.eval.report import build_report, markdown, paired_differences, write_report
 from modalimmune.models import ModalImmuneModel
 
 
@@ -125,7 +127,8 @@ def test_report_layout_and_files(oracle_data, tmp_path):
     for r in runs["erm"]:
         r["effective_robustness"] = 0.0
     report = build_report("toy", oracle_data.modalities, [0, 1], runs)
-    assert set(report) == {"dataset", "metric", "modalities", "seeds", "methods"} and report["metric"] == "accuracy"
+    assert set(report) == {"dataset", "metric", "modalities", "seeds", "methods", "paired_vs_moddrop"}
+    assert report["metric"] == "accuracy" and report["paired_vs_moddrop"] == {}  # no moddrop run to pair with
     entry = report["methods"]["erm"]
     assert set(entry) == {"clean_accuracy", "clean_balanced_accuracy", "subset_accuracy", "mean_missing_accuracy",
                           "worst_missing_accuracy", "drop_rate_curve", "drop_rate_auc", "relative_robustness",
@@ -142,6 +145,61 @@ def test_report_layout_and_files(oracle_data, tmp_path):
     assert "| erm | 100.0 ± 0.0 |" in text and "| a+b |" in text and "## Accuracy with one modality corrupted" in text
     for key in ("drop_rate_plot", "subset_plot", "corruption_plot"):
         assert open(paths[key], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "mae"])
+def test_paired_differences_against_moddrop(metric):
+    """Each method minus moddrop on the same seed: the mean and standard error of the per-seed
+    differences, an error negated (positive is better)."""
+    rng = np.random.default_rng(0)
+    keys = ("clean", "mean_missing", "worst_missing")
+    runs = {m: [{f"{k}_{metric}": float(rng.uniform(0.2, 0.8)) for k in keys} for _ in range(5)]
+            for m in ("erm", "moddrop", "modalimmune")}
+    paired = paired_differences(runs, metric)
+    assert list(paired) == ["erm", "modalimmune"]
+    sign = -1 if metric == "mae" else 1
+    for method in paired:
+        for key in keys:
+            diffs = sign * np.array([r[f"{key}_{metric}"] - b[f"{key}_{metric}"]
+                                     for r, b in zip(runs[method], runs["moddrop"])])
+            assert paired[method][key] == {"mean": pytest.approx(diffs.mean()),
+                                           "se": pytest.approx(diffs.std(ddof=1) / np.sqrt(5)), "n": 5}
+    assert paired_differences({m: r[:1] for m, r in runs.items()}, metric) == {}  # one seed: no error bar
+    assert paired_differences({"erm": runs["erm"]}, metric) == {}
+
+
+def test_the_paired_table_marks_noise(oracle_data):
+    """A clear paired difference is reported as it is; one within two standard errors of 0 as noise."""
+    runs = {m: [evaluate(Oracle(), oracle_data, seed=s) for s in range(5)] for m in ("moddrop", "modalimmune")}
+    for seed, (result, base) in enumerate(zip(runs["modalimmune"], runs["moddrop"])):
+        result["clean_accuracy"] = base["clean_accuracy"] - 0.1 - 0.001 * seed
+        result["mean_missing_accuracy"] = base["mean_missing_accuracy"] + 0.01 * (-1) ** seed
+    text = markdown(build_report("toy", oracle_data.modalities, list(range(5)), runs), runs)
+    assert "## Paired by seed: each method minus `moddrop`" in text
+    row = next(line for line in text.splitlines() if line.startswith("| modalimmune | -"))
+    clean, mean_missing, worst_missing = row.strip(" |").split(" | ")[1:]
+    assert clean == "-10.2 ± 0.1" and mean_missing == "+0.2 ± 0.5 (noise)" and worst_missing == "+0.0 ± 0.0 (noise)"
+
+
+def test_a_report_is_rebuilt_from_its_runs(oracle_data, tmp_path):
+    runs = {"erm": [evaluate(Oracle(), oracle_data, seed=s) for s in (0, 1)],
+            "moddrop": [evaluate(Oracle(), oracle_data, seed=s) for s in (0, 1)]}
+    report = build_report("toy", oracle_data.modalities, [0, 1], runs)
+    write_report(str(tmp_path), report, runs)
+    for method, results in runs.items():
+        for seed, result in zip((0, 1), results):
+            (tmp_path / "runs" / method / f"seed{seed}").mkdir(parents=True)
+            (tmp_path / "runs" / method / f"seed{seed}" / "eval.json").write_text(json.dumps(result))
+    written = (tmp_path / "report.md").read_text()
+    (tmp_path / "report.md").unlink()
+    assert rebuild_report(str(tmp_path), log=lambda line: None) == json.loads((tmp_path / "report.json").read_text())
+    assert (tmp_path / "report.md").read_text() == written
+    assert main(["report", "--out", str(tmp_path)]) == 0 and (tmp_path / "report.md").read_text() == written
+    (tmp_path / "runs" / "moddrop" / "seed1" / "eval.json").unlink()
+    with pytest.raises(FileNotFoundError, match="out: expected the evaluation of every run the report lists"):
+        rebuild_report(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="out: expected a folder written by compare"):
+        rebuild_report(str(tmp_path / "runs"))
 
 
 def test_ig_plot_from_the_runs_metrics(oracle_data, tmp_path):

@@ -90,6 +90,15 @@ def test_reviews_recommended_shapes_present_and_one_embedding_call():
                                          "title+tabular": 1}
     assert report["all"]["missing"] == pytest.approx({"review": 845 / 23486, "title": 3810 / 23486, "tabular": 0.0})
     assert (data.inputs["title"][~data.present[:, 1]] == 0).all()
+    assert set(data.raw_texts) == {"review", "title"}  # the raw texts, for the evaluation's text corruptions
+    for position, name in enumerate(("review", "title")):
+        texts = data.raw_texts[name].texts
+        assert [t is not None for t in texts] == data.present[:, position].tolist()
+        there = data.present[:, position]
+        rows = there.nonzero()[:3, 0].tolist() + [int((~there).nonzero()[0, 0])]
+        calls.clear()
+        torch.testing.assert_close(data.text_input(name, [texts[i] for i in rows]), data.inputs[name][rows])
+        assert calls == [3]  # the missing text is not encoded
 
 
 def test_reviews_rating_is_a_finite_regression_target(monkeypatch):
@@ -97,6 +106,7 @@ def test_reviews_rating_is_a_finite_regression_target(monkeypatch):
     encoders = types.SimpleNamespace(MiniLM=lambda: made.append("MiniLM") or "encoder",
                                      cached_embeddings=lambda encoder, texts: text_features(texts))
     monkeypatch.setitem(sys.modules, "modalimmune.encoders", encoders)  # the default embedding step
+    reviews._minilm.cache_clear()  # the encoder is built once per process
     data = load_dataset("reviews_rating")
     assert made == ["MiniLM"] and data.name == data.source == "reviews_rating"
     assert data.task == "regression" and data.num_outputs == 1 and data.labels.dtype == torch.float32

@@ -3,7 +3,9 @@
 implementations share (``MultimodalDataset`` in memory, ``SampleDataset`` and ``SampleStream`` over a
 user's torch data, ``MemmapDataset`` over memory-mapped files)."""
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -45,6 +47,15 @@ class Batch:
         present = None if self.present is None else self.present[rows]
         return Batch({k: v[rows] for k, v in self.inputs.items()}, self.labels[rows],
                      {k: m[rows] for k, m in self.masks.items()}, present)
+
+
+class RawTexts(NamedTuple):
+    """A modality that is a frozen text encoder's embeddings, with its raw texts: ``texts`` (one per
+    sample, in dataset order; None where the sample has no text) and ``encode`` (texts, None allowed
+    -> ``(len(texts), dim)`` array of the encoder's output, before standardisation)."""
+
+    texts: list
+    encode: Callable
 
 
 @dataclass(frozen=True)
@@ -157,6 +168,7 @@ class MultimodalData:
     source = None
     statistics = None
     natural_missingness = False  # True: every batch carries ``present``, even one where nothing is missing
+    raw_texts = None  # {name: RawTexts} for modalities that are a frozen text encoder's embeddings
 
     @property
     def modalities(self):
@@ -174,6 +186,18 @@ class MultimodalData:
 
     def split_size(self, split):
         return len(self.indices(split))
+
+    def text_input(self, name, texts):
+        """Modality ``name``'s input for raw ``texts`` (None: a missing text): its frozen encoder's
+        embeddings standardised as the data's, ``(len(texts), dim)`` float32; what the evaluation's
+        text corruptions feed the model (docs/corruptions.md, "Raw text")."""
+        raw = self.raw_texts[name]
+        embeddings = torch.as_tensor(raw.encode(list(texts)), dtype=torch.float32)
+        if self.statistics is not None:
+            mean, std = self.statistics[name]
+            embeddings = (embeddings - mean) / std
+        present = torch.tensor([t is not None for t in texts])
+        return _without_absent(embeddings, present)
 
     def indices(self, split):
         raise NotImplementedError(f"{type(self).__name__} has no random access (a stream)")

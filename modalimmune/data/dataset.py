@@ -13,6 +13,7 @@ from .base import (
     Batch,
     ModalitySpec,
     MultimodalData,
+    RawTexts,
     _without_absent,
     counted_rows,
     guarded_std,
@@ -162,6 +163,33 @@ def _pad(name, sequences, lengths, kept=None):
     return sequences * mask[..., None], mask
 
 
+def _as_raw_texts(raw_texts, inputs, present):
+    """``{name: RawTexts}`` checked against the modalities (vectors, one text per sample, None exactly
+    where the sample lacks the modality); None when not given."""
+    if raw_texts is None:
+        return None
+    if not isinstance(raw_texts, dict):
+        fail("raw_texts", "a dict {modality: (texts, encode)}", type(raw_texts).__name__, TypeError)
+    checked, vectors = {}, [k for k, v in inputs.items() if v.ndim == 2]
+    for key, value in raw_texts.items():
+        argument = f"raw_texts[{key!r}]"
+        if key not in vectors:
+            fail("raw_texts", f"keys among the vector modalities ({', '.join(vectors)})", repr(key))
+        if not (isinstance(value, tuple) and len(value) == 2 and callable(value[1])):
+            fail(argument, "(texts, encode) with encode a function texts -> embeddings", type(value).__name__,
+                 TypeError)
+        texts = list(value[0])
+        if len(texts) != len(inputs[key]):
+            fail(argument, f"{len(inputs[key])} texts (one per sample)", f"{len(texts)}")
+        has = [True] * len(texts) if present is None else present[:, list(inputs).index(key)].tolist()
+        for i, (text, there) in enumerate(zip(texts, has)):
+            if not (isinstance(text, str) if there else text is None):
+                fail(f"{argument} text {i}", "a str" if there else "None (the sample lacks the modality)",
+                     type(text).__name__, TypeError)
+        checked[key] = RawTexts(texts, value[1])
+    return checked
+
+
 def stratified_split(labels, fractions, seed):
     """Indices of each split: every class is shuffled with ``seed`` and cut by
     ``fractions`` (rounded, at least one sample per split when the class has enough)."""
@@ -249,12 +277,16 @@ class MultimodalDataset(MultimodalData):
     training samples that have it. ``source``: where the data can be loaded again (a
     packaged dataset's name or an ``.npz``'s absolute path, as :func:`load_dataset`
     sets it; None for arrays given in memory); ``model.pt`` records it so that
-    ``modalimmune eval`` finds the data. The in-memory implementation of
+    ``modalimmune eval`` finds the data. ``raw_texts``: ``{name: (texts, encode)}`` for modalities
+    that are a frozen text encoder's embeddings (one text per sample, None where it lacks the
+    modality; ``encode(texts) -> (n, dim)`` the encoder), which the evaluation corrupts before
+    encoding (docs/corruptions.md, "Raw text"). The in-memory implementation of
     :class:`MultimodalData`; ``statistics`` holds the ``{name: (mean, std)}`` it standardised with.
     """
 
     def __init__(self, modalities, labels, *, lengths=None, present=None, task="classification", name="custom",
-                 split_seed=0, fractions=(0.7, 0.1, 0.2), splits=None, standardize=True, source=None):
+                 split_seed=0, fractions=(0.7, 0.1, 0.2), splits=None, standardize=True, source=None,
+                 raw_texts=None):
         if not isinstance(modalities, dict):
             fail("modalities", "a non-empty dict {name: array}", type(modalities).__name__, TypeError)
         if not modalities:
@@ -302,6 +334,7 @@ class MultimodalDataset(MultimodalData):
         self.name, self.source, self.split_seed, self.task = name, source, split_seed, task
         self.classes, self.labels, self.inputs, self.masks, self.splits = classes, labels, inputs, masks, splits
         self.present, self.natural_missingness = present, present is not None
+        self.raw_texts = _as_raw_texts(raw_texts, inputs, present)
         if standardize:
             self._standardize()
 

@@ -8,6 +8,8 @@ on disk); a review without a title or without a text lacks that modality (natura
 missingness, ``present``).
 """
 
+import functools
+
 import numpy as np
 
 from ..checks import choice, fail
@@ -47,20 +49,39 @@ def tabular_features(table):
     return np.stack(columns, 1), tuple(names)
 
 
-def minilm_embeddings(texts):
-    """The frozen MiniLM embeddings of ``texts``, ``(len(texts), 384)``, from its on-disk cache."""
+@functools.cache
+def _minilm():
     try:
-        from ..encoders import MiniLM, cached_embeddings
+        from ..encoders import MiniLM
     except ImportError as error:
         raise ImportError(f"dataset: reviews needs the text encoder of modalimmune.encoders ({error})") from None
-    return cached_embeddings(MiniLM(), texts)
+    return MiniLM()
+
+
+def minilm_embeddings(texts):
+    """The frozen MiniLM embeddings of ``texts``, ``(len(texts), 384)``, from its on-disk cache."""
+    from ..encoders import cached_embeddings
+
+    return cached_embeddings(_minilm(), texts)
+
+
+def _with_missing(embed, dim):
+    """``embed`` for texts where None (a missing text) gets a row of zeros: the ``encode`` of RawTexts."""
+    def encode(texts):
+        out = np.zeros((len(texts), dim), dtype=np.float32)
+        rows = [i for i, text in enumerate(texts) if text is not None]
+        if rows:
+            out[rows] = np.asarray(embed([texts[i] for i in rows]), dtype=np.float32)
+        return out
+    return encode
 
 
 def load_reviews(embed=minilm_embeddings):
-    """``(views, present, targets)``: ``views`` ``{"review": (N, D), "title": (N, D),
+    """``(views, present, targets, texts)``: ``views`` ``{"review": (N, D), "title": (N, D),
     "tabular": (N, F)}`` (an absent text's row is zero), ``present`` ``{"review": N
     bools, "title": N bools}`` (the tabular modality is always there), ``targets``
-    ``{"recommended": N ints 0/1, "rating": N ints 1-5}``. ``embed``: ``texts ->
+    ``{"recommended": N ints 0/1, "rating": N ints 1-5}``, ``texts`` ``{"review": N, "title": N}``
+    (str, None where missing). ``embed``: ``texts ->
     (len(texts), D)`` array, called once on every text that is there (reviews, then titles)."""
     table = read_reviews()
     present = {name: np.asarray([text is not None for text in table[column]]) for name, column in TEXTS.items()}
@@ -75,14 +96,16 @@ def load_reviews(embed=minilm_embeddings):
         start += kept.sum()
     views["tabular"] = tabular_features(table)[0]
     targets = {target: np.asarray(table[column], dtype=np.int64) for target, (column, _) in TARGETS.items()}
-    return views, present, targets
+    return views, present, targets, {name: table[column] for name, column in TEXTS.items()}
 
 
 def reviews_dataset(target, *, split_seed=0, name=None, embed=minilm_embeddings):
     """``reviews`` with ``target`` ``"recommended"`` (binary classification) or
     ``"rating"`` (1-5 as a regression target), split stratified by the target."""
     task = TARGETS[choice("target", target, tuple(TARGETS))][1]
-    views, present, targets = load_reviews(embed)
+    views, present, targets, texts = load_reviews(embed)
     name = name or f"reviews_{target}"
+    # the raw texts: the evaluation corrupts them before the encoder (docs/corruptions.md, "Raw text")
+    raw_texts = {k: (texts[k], _with_missing(embed, views[k].shape[1])) for k in TEXTS}
     return MultimodalDataset(views, targets[target], present=present, task=task, name=name, split_seed=split_seed,
-                             source=name)
+                             source=name, raw_texts=raw_texts)

@@ -22,6 +22,10 @@ LEVELS = metrics.DROP_RATES
 SEQUENCE_FAMILIES = ("noise", "step_drop", "span_drop")
 VECTOR_FAMILIES = ("noise", "entry_drop", "entry_swap")
 TEXT_FAMILIES = ("letter_swap", "typo", "word_omission")
+# the text families run the encoder once per level on the split's texts: fewer levels, and the same
+# draws for every run (seed and method), so that the corrupted texts' embeddings are cached once
+TEXT_LEVELS = (0.0, 0.2, 0.5, 0.8)
+TEXT_SEED = 0
 _SHAPES = {2: "(B, d)", 3: "(B, T, d)"}
 _KEYBOARD_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
 
@@ -270,8 +274,9 @@ def corruption_curve(cache, name, family, *, levels=LEVELS, seed=0, reference=No
     mode. Tensor families corrupt the split's whole ``name`` input at once (so the
     noise scale and swap donors are split-wide) and re-encode it batch by batch with
     the other modalities' embeddings taken from the cache. Text families need
-    ``texts`` (per batch, the raw texts whose encoding is cached) and
-    ``encode_text(texts) -> tensor`` shaped like the batch's ``name`` input. Every
+    ``texts`` (per batch, the raw texts whose encoding is cached; None: a missing text) and
+    ``encode_text(texts) -> tensor``, called once per level on the split's corrupted texts
+    and shaped like the split's ``name`` input. Every
     level uses the same draws (the seed of ``(seed, name, family)``), so a higher
     level corrupts a superset. Returns ``{"family", "levels", METRIC, "relative_robustness",
     "effective_robustness"}`` (METRIC the cache's: ``accuracy``, or ``mae`` for regression; the
@@ -300,9 +305,9 @@ def corruption_curve(cache, name, family, *, levels=LEVELS, seed=0, reference=No
             scores.append(cache.score(everything))
             continue
         generator = torch.Generator().manual_seed(curve_seed)
-        if family in TEXT_FAMILIES:
-            inputs = [_encoded(encode_text, TEXT_CORRUPTIONS[family](t, level, generator), b, name, i)
-                      for i, (t, b) in enumerate(zip(texts, batches))]
+        if family in TEXT_FAMILIES:  # one generator over the batches in order: as corrupting each in turn
+            corrupted = TEXT_CORRUPTIONS[family]([t for batch_texts in texts for t in batch_texts], level, generator)
+            inputs = _encoded(encode_text, corrupted, batches, name).split([len(b) for b in batches])
         else:
             whole = torch.cat([b.inputs[name] for b in batches])
             mask = torch.cat([b.masks[name] for b in batches]) if name in batches[0].masks else None
@@ -317,21 +322,33 @@ def corruption_curve(cache, name, family, *, levels=LEVELS, seed=0, reference=No
     return curve
 
 
-def _encoded(encode_text, texts, batch, name, index):
-    """``encode_text(texts)``, checked to be shaped like the batch's input, on its device."""
+def _encoded(encode_text, texts, batches, name):
+    """``encode_text(texts)``, checked to be shaped like the batches' ``name`` inputs together, on their device."""
     x = encode_text(texts)
-    expected = batch.inputs[name]
-    if not isinstance(x, torch.Tensor) or x.shape != expected.shape:
+    like = batches[0].inputs[name]
+    shape = (sum(len(b) for b in batches), *like.shape[1:])
+    if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
         got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-        fail("encode_text", f"a tensor of shape {tuple(expected.shape)} for batch {index}", got)
-    return x.to(expected.device, expected.dtype)
+        fail("encode_text", f"a tensor of shape {shape} (the split's texts)", got)
+    return x.to(like.device, like.dtype)
 
 
-def corruption_curves(cache, *, seed=0, levels=LEVELS, references=None):
-    """``{name: {family: corruption_curve(...)}}`` for every modality and tensor family;
+def corruption_curves(cache, *, seed=0, levels=LEVELS, references=None, texts=None):
+    """``{name: {family: corruption_curve(...)}}`` for every modality and tensor family and, for the
+    modalities in ``texts`` (``{name: (per-batch texts, encode_text)}``), the text families at
+    ``TEXT_LEVELS`` with the draws of ``TEXT_SEED`` (docs/corruptions.md, "Raw text");
     ``references`` (same layout, accuracies) gives the effective robustness."""
-    references = references or {}
-    return {name: {family: corruption_curve(cache, name, family, levels=levels, seed=seed,
-                                            reference=references.get(name, {}).get(family))
-                   for family in families(cache.batches[0], name)}
-            for name in cache.model.modalities}
+    references, texts = references or {}, texts or {}
+    curves = {}
+    for name in cache.model.modalities:
+        reference = references.get(name, {})
+        curves[name] = {family: corruption_curve(cache, name, family, levels=levels, seed=seed,
+                                                 reference=reference.get(family))
+                        for family in families(cache.batches[0], name)}
+        if name in texts:
+            batch_texts, encode_text = texts[name]
+            curves[name].update({family: corruption_curve(cache, name, family, levels=TEXT_LEVELS, seed=TEXT_SEED,
+                                                          reference=reference.get(family), texts=batch_texts,
+                                                          encode_text=encode_text)
+                                 for family in TEXT_FAMILIES})
+    return curves

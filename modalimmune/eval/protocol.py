@@ -132,7 +132,8 @@ def evaluate(model, dataset, split="test", seed=0, *, drop_rates=metrics.DROP_RA
             "drop_rate_auc": metrics.drop_rate_auc(drop_rates, curve),
             **metrics.robustness(drop_rates, curve, reference_curve, metric),
             f"noise_{metric}": _noise(cache, names, snr_db, seed, everything),
-            "corruption": corruptions.corruption_curves(cache, seed=seed, references=reference_corruption),
+            "corruption": corruptions.corruption_curves(cache, seed=seed, references=reference_corruption,
+                                                        texts=_raw_texts(dataset, split, cache)),
             f"natural_pattern_{metric}": _natural_patterns(cache, names, clean),
             "reconstruction_r2": _reconstruction(cache, names) if getattr(model, "decodes", False) else None,
         }
@@ -152,6 +153,21 @@ def _drop_masks(cache, modalities, rate, seed, level):
     (drawn among the modalities each sample has)."""
     generator = torch.Generator().manual_seed(seed * 1009 + level)
     return lambda n, i: random_present(n, modalities, rate, generator, within=cache.natural[i])
+
+
+def _raw_texts(dataset, split, cache):
+    """``{name: (per-batch raw texts, encode_text)}`` of the modalities that are a frozen text encoder's
+    embeddings (``dataset.raw_texts``), for the text corruptions; {} without any."""
+    if not dataset.raw_texts:
+        return {}
+    index, sizes = dataset.indices(split).tolist(), [len(b) for b in cache.batches]
+    out = {}
+    for name, raw in dataset.raw_texts.items():
+        texts = [raw.texts[i] for i in index]
+        starts = [sum(sizes[:k]) for k in range(len(sizes))]
+        out[name] = ([texts[s:s + n] for s, n in zip(starts, sizes)],
+                     lambda t, name=name: dataset.text_input(name, t))
+    return out
 
 
 def _natural_patterns(cache, names, clean):

@@ -19,6 +19,9 @@ SUMMARY = {
             ("relative_robustness", "relative rob.", 1), ("effective_robustness", "effective rob.", 1)),
 }
 UNITS = {"accuracy": ("Accuracy", "%", 100), "mae": ("MAE", "the target's units", 1)}  # (label, unit, scale)
+PAIRED_AGAINST = "moddrop"  # the baseline every method is paired with, seed by seed
+PAIRED_KEYS = ("clean", "mean_missing", "worst_missing")
+NOISE_SE = 2  # a paired difference within this many standard errors of 0 is reported as noise
 
 
 def _figure(values):
@@ -31,6 +34,28 @@ def _figure(values):
 def _curve(results, pick, metric):
     """The per-level ``{"mean", "std"}`` of the curve ``pick(result)`` over the seeds' results."""
     return [_figure(column) for column in np.array([pick(r)[metric] for r in results], dtype=float).T]
+
+
+def paired_differences(runs, metric, against=PAIRED_AGAINST):
+    """``{method: {key: {"mean", "se", "n"}}}``: each method's difference from ``against`` on the same
+    seed for the clean, mean-missing and worst-missing figures, its mean and standard error over the
+    seeds (positive: better than ``against``; an error enters negated); {} without ``against`` or with
+    one seed (docs/benchmark.md, "compare and the report")."""
+    if against not in runs or len(runs[against]) < 2:
+        return {}
+    sign = -1 if metric in metrics.ERROR_METRICS else 1
+    paired = {}
+    for method, results in runs.items():
+        if method == against:
+            continue
+        paired[method] = {}
+        for key in PAIRED_KEYS:
+            name = f"{key}_{metric}"
+            diffs = np.array([sign * (r[name] - base[name]) for r, base in zip(results, runs[against])], float)
+            paired[method][key] = ({"mean": None, "se": None, "n": len(diffs)} if not np.isfinite(diffs).all() else
+                                   {"mean": float(diffs.mean()), "se": float(diffs.std(ddof=1) / np.sqrt(len(diffs))),
+                                    "n": len(diffs)})
+    return paired
 
 
 def build_report(dataset_name, modalities, seeds, runs):
@@ -52,7 +77,7 @@ def build_report(dataset_name, modalities, seeds, runs):
             for name, curves in results[0]["corruption"].items()}
         methods[method] = entry
     return {"dataset": dataset_name, "metric": metric, "modalities": list(modalities), "seeds": list(seeds),
-            "methods": methods}
+            "methods": methods, f"paired_vs_{PAIRED_AGAINST}": paired_differences(runs, metric)}
 
 
 def _cell(figure, scale):
@@ -78,6 +103,7 @@ def markdown(report, runs):
              "", "| method | " + " | ".join(h for _, h, _ in summary) + " |", "|---" * (len(summary) + 1) + "|"]
     for name, entry in methods.items():
         lines.append(f"| {name} | " + " | ".join(_cell(entry[k], s) for k, _, s in summary) + " |")
+    lines += _paired_table(report, metric)
     rates = next(iter(methods.values()))["drop_rate_curve"]["rates"]
     lines += ["", f"## {label} vs test-time drop rate ({unit})", "",
               "| method | " + " | ".join(f"p={r}" for r in rates) + " |", "|---" * (1 + len(rates)) + "|"]
@@ -108,6 +134,33 @@ def markdown(report, runs):
         lines.append(f"| {subset} | " + " | ".join(_cell(e[f"subset_{metric}"][subset], scale)
                                                    for e in methods.values()) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _paired_table(report, metric):
+    """Each method minus ModDrop, paired by seed: mean ± standard error, "(noise)" within NOISE_SE of 0."""
+    paired = report.get(f"paired_vs_{PAIRED_AGAINST}")
+    if not paired:
+        return []
+    label, unit, scale = UNITS[metric]
+    error = metric in metrics.ERROR_METRICS
+    lines = ["", f"## Paired by seed: each method minus `{PAIRED_AGAINST}` ({unit}; mean ± standard error over "
+                 f"{next(iter(next(iter(paired.values())).values()))['n']} seeds"
+                 f"{'; the error negated, so positive is better' if error else ''}; "
+                 f"\"(noise)\": within {NOISE_SE} standard errors of 0)", "",
+             "| method | " + " | ".join(k.replace("_", " ") for k in PAIRED_KEYS) + " |",
+             "|---" * (1 + len(PAIRED_KEYS)) + "|"]
+    digits = 1 if scale == 100 else 3
+    for name, figures in paired.items():
+        cells = []
+        for key in PAIRED_KEYS:
+            f = figures[key]
+            if f["mean"] is None:
+                cells.append("–")
+                continue
+            noise = " (noise)" if abs(f["mean"]) < NOISE_SE * f["se"] or f["mean"] == 0 else ""
+            cells.append(f"{f['mean'] * scale:+.{digits}f} ± {f['se'] * scale:.{digits}f}{noise}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _corruption_tables(methods, metric):
