@@ -74,6 +74,23 @@ def test_splits_are_stratified_disjoint_and_fixed_by_seed():
         assert counts[1] == round(0.1 * total) and counts[2] == round(0.2 * total)
 
 
+def test_a_split_stratified_by_given_strata():
+    """``strata``: the split keeps each stratum's share (here a grouping unrelated to the classes), and
+    bad strata are refused by name."""
+    y = torch.arange(600) % 3
+    groups = (torch.arange(600) // 3) % 4  # 150 samples per group, every class in each
+    data = MultimodalDataset({"a": torch.randn(600, 2)}, y, strata=groups, split_seed=5)
+    for split, share in zip(("train", "val", "test"), (0.7, 0.1, 0.2)):
+        assert torch.bincount(groups[data.indices(split)]).tolist() == [round(150 * share)] * 4
+    again = MultimodalDataset({"a": torch.randn(600, 2)}, y.float() * 1.5, task="regression", strata=groups,
+                              split_seed=5)
+    assert all(torch.equal(again.indices(s), data.indices(s)) for s in ("train", "val", "test"))
+    with pytest.raises(ValueError, match=r"^strata: expected 600 values \(one per sample\), got 599"):
+        MultimodalDataset({"a": torch.randn(600, 2)}, y, strata=groups[1:])
+    with pytest.raises(ValueError, match=r"^strata: expected N integer class labels"):
+        MultimodalDataset({"a": torch.randn(600, 2)}, y, strata=groups + 0.5)
+
+
 def test_standardisation_uses_the_training_split_only():
     modalities, y, lengths = tiny_arrays()
     data = MultimodalDataset(modalities, y, lengths=lengths)

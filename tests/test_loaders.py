@@ -112,6 +112,8 @@ def test_reviews_rating_is_a_finite_regression_target(monkeypatch):
     assert data.task == "regression" and data.num_outputs == 1 and data.labels.dtype == torch.float32
     assert torch.isfinite(data.labels).all() and sorted(torch.unique(data.labels).tolist()) == [1, 2, 3, 4, 5]
     assert torch.bincount(data.labels.long()).tolist() == [0, 842, 1565, 2871, 5077, 13131]
+    recommended = load_dataset("reviews")  # the two tasks share their split (stratified by the recommendation)
+    assert all(torch.equal(data.indices(s), recommended.indices(s)) for s in ("train", "val", "test"))
 
 
 def test_reviews_tabular_features(reviews_table):

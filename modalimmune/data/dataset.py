@@ -266,7 +266,8 @@ class MultimodalDataset(MultimodalData):
     needs at least one. What an absent entry holds is ignored (NaN allowed): it is
     zero after standardisation, i.e. the training mean, and an absent sequence is one
     zero step. None (or all true) is no missingness, and batches carry ``present=None``.
-    The split is stratified by class (regression: by the decile of the target) and
+    The split is stratified by class (regression: by the decile of the target; ``strata``: by
+    these labels instead, one per sample) and
     fixed by ``split_seed``, with ``fractions`` of the samples in (train, val, test);
     every split must get at least one sample. ``splits``: the user's own split
     instead, ``{"train": idx, "val": idx, "test": idx}``, each a non-empty 1-d array
@@ -286,7 +287,7 @@ class MultimodalDataset(MultimodalData):
 
     def __init__(self, modalities, labels, *, lengths=None, present=None, task="classification", name="custom",
                  split_seed=0, fractions=(0.7, 0.1, 0.2), splits=None, standardize=True, source=None,
-                 raw_texts=None):
+                 raw_texts=None, strata=None):
         if not isinstance(modalities, dict):
             fail("modalities", "a non-empty dict {name: array}", type(modalities).__name__, TypeError)
         if not modalities:
@@ -305,11 +306,17 @@ class MultimodalDataset(MultimodalData):
             classes, labels = torch.unique(labels, return_inverse=True)
             if len(classes) < 2:
                 fail("labels", "at least 2 classes", f"{len(classes)}")
-            strata = labels
+            default_strata = labels
         else:
             classes, labels = None, _as_targets("labels", labels)
-            strata = _target_bins(labels)
+            default_strata = _target_bins(labels)
         n = len(labels)
+        if strata is None:
+            strata = default_strata
+        else:
+            strata = torch.unique(_as_labels("strata", strata), return_inverse=True)[1]
+            if len(strata) != n:
+                fail("strata", f"{n} values (one per sample)", f"{len(strata)}")
         if present is not None:
             present = _as_present(present, tuple(modalities), n)
             present = None if present.all() else present

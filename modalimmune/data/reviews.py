@@ -101,11 +101,12 @@ def load_reviews(embed=minilm_embeddings):
 
 def reviews_dataset(target, *, split_seed=0, name=None, embed=minilm_embeddings):
     """``reviews`` with ``target`` ``"recommended"`` (binary classification) or
-    ``"rating"`` (1-5 as a regression target), split stratified by the target."""
+    ``"rating"`` (1-5 as a regression target); both split stratified by the recommendation, so
+    that the two tasks share their splits (and the evaluation's corrupted texts, cached once)."""
     task = TARGETS[choice("target", target, tuple(TARGETS))][1]
     views, present, targets, texts = load_reviews(embed)
     name = name or f"reviews_{target}"
     # the raw texts: the evaluation corrupts them before the encoder (docs/corruptions.md, "Raw text")
     raw_texts = {k: (texts[k], _with_missing(embed, views[k].shape[1])) for k in TEXTS}
     return MultimodalDataset(views, targets[target], present=present, task=task, name=name, split_seed=split_seed,
-                             source=name, raw_texts=raw_texts)
+                             source=name, raw_texts=raw_texts, strata=targets["recommended"])
