@@ -46,6 +46,7 @@ else
 fi
 for bench in bench/bench_*.py; do
   name=$(basename "$bench" .py)
+  [ "$name" = bench_memmap ] && continue  # host memory of the data path: a CPU benchmark, no --device
   step "$name" 120 $PY "$bench" --device cuda --quick
 done
 
