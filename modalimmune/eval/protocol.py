@@ -160,14 +160,11 @@ def _raw_texts(dataset, split, cache):
     embeddings (``dataset.raw_texts``), for the text corruptions; {} without any."""
     if not dataset.raw_texts:
         return {}
-    index, sizes = dataset.indices(split).tolist(), [len(b) for b in cache.batches]
-    out = {}
-    for name, raw in dataset.raw_texts.items():
-        texts = [raw.texts[i] for i in index]
-        starts = [sum(sizes[:k]) for k in range(len(sizes))]
-        out[name] = ([texts[s:s + n] for s, n in zip(starts, sizes)],
-                     lambda t, name=name: dataset.text_input(name, t))
-    return out
+    index = dataset.indices(split)
+    batches = torch.split(index, [len(b) for b in cache.batches])  # the cache's batches, in split order
+    return {name: ([[raw.texts[i] for i in batch.tolist()] for batch in batches],
+                   lambda t, name=name: dataset.text_input(name, t))
+            for name, raw in dataset.raw_texts.items()}
 
 
 def _natural_patterns(cache, names, clean):
