@@ -76,6 +76,18 @@ def _multi_tensor_inputs(numels, device):
     return ([torch.randn(n, device=device) for n in numels] for _ in range(4))
 
 
+def _compiled_in_place_matches_eager(step, dynamic, inputs, written):
+    """``step`` compiled gives the eager outputs and writes the same values into the tensor lists at
+    positions ``written`` of ``inputs(numels)``, over three sets of list lengths (a second shape)."""
+    compiled = _compile(step, dynamic)
+    for numels in [(9, 20), (7, 20), (7, 33)]:
+        args = inputs(numels)
+        eager = [[t.clone() for t in a] if i in written else a for i, a in enumerate(args)]
+        expected = step(*eager)
+        torch.testing.assert_close(compiled(*args), expected)
+        torch.testing.assert_close([t for i in written for t in args[i]], [t for i in written for t in eager[i]])
+
+
 @pytest.mark.parametrize("dynamic", [None, True], ids=["automatic", "dynamic"])
 def test_curvature_mask_traces_with_changing_shapes(backend_device, dynamic):
     backend, device = backend_device
@@ -84,13 +96,7 @@ def test_curvature_mask_traces_with_changing_shapes(backend_device, dynamic):
         stats = ops.curvature_mask_(gc, gd, d, probe, beta=0.9, tau=0.5, backend=backend)
         return stats.masked_fraction, stats.kept_norm, stats.log_abs_hist
 
-    compiled = _compile(step, dynamic)
-    for numels in [(9, 20), (7, 20), (7, 33)]:
-        gc, gd, d, probe = _multi_tensor_inputs(numels, device)
-        eager_gc, eager_d = [t.clone() for t in gc], [t.clone() for t in d]
-        expected = step(eager_gc, gd, eager_d, probe)
-        torch.testing.assert_close(compiled(gc, gd, d, probe), expected)
-        torch.testing.assert_close(gc + d, eager_gc + eager_d)
+    _compiled_in_place_matches_eager(step, dynamic, lambda n: list(_multi_tensor_inputs(n, device)), written=(0, 2))
 
 
 @pytest.mark.parametrize("dynamic", [None, True], ids=["automatic", "dynamic"])
@@ -100,14 +106,9 @@ def test_neumann_update_traces_with_changing_shapes(backend_device, dynamic):
     def step(v, p, w, alpha):
         return ops.neumann_update_(v, p, w, alpha, damping=0.1, backend=backend)
 
-    compiled = _compile(step, dynamic)
     alpha = torch.tensor(0.4, dtype=torch.float64, device=device)
-    for numels in [(9, 20), (7, 20), (7, 33)]:
-        v, p, w, _ = _multi_tensor_inputs(numels, device)
-        eager_v, eager_p = [t.clone() for t in v], [t.clone() for t in p]
-        expected = step(eager_v, eager_p, w, alpha)
-        torch.testing.assert_close(compiled(v, p, w, alpha), expected)
-        torch.testing.assert_close(v + p, eager_v + eager_p)
+    _compiled_in_place_matches_eager(step, dynamic, lambda n: [*list(_multi_tensor_inputs(n, device))[:3], alpha],
+                                     written=(0, 1))
 
 
 @pytest.mark.slow
