@@ -11,6 +11,7 @@ import torch
 from . import _extension, distributed
 from .backend import BACKENDS, unavailable_reason
 from .checks import fail, integer
+from .train.config import SELECTIONS
 from .train.trainer import PREEMPTED_EXIT_CODE, NonFiniteError, Preempted
 
 
@@ -61,10 +62,11 @@ def _add_training_options(parser):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--patience", type=int, default=10, help="early-stopping patience in epochs (0: off)")
-    parser.add_argument("--select", choices=("clean", "robust"), default="clean",
-                        help="model selection and early stopping on the clean validation accuracy, or on its "
-                             "mean with the accuracy under random missing modalities")
+    parser.add_argument("--patience", type=int, default=0, help="early-stopping patience in epochs (0: off)")
+    parser.add_argument("--select", choices=SELECTIONS, default="robust",
+                        help="model selection and early stopping: robust (the mean of the validation figure with "
+                             "every modality and over the missing patterns), clean (with every modality), or "
+                             "last (the last epoch)")
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--device", default="auto")
@@ -96,12 +98,12 @@ def _train(args):
     _set_threads(args)
     config = TrainConfig(method=args.method, seed=args.seed, checkpoint_every=args.checkpoint_every,
                          max_nonfinite_steps=args.max_nonfinite_steps, **_training_config(args))
-    build_method(config.method)  # a bad spec fails before the data is read (the Trainer checks it against the data)
+    method = build_method(config.method)  # a bad spec fails before the data is read (the Trainer checks it)
     dataset = load_dataset(args.dataset, split_seed=config.split_seed)
     wants_cuda = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
     with distributed.process_group("cuda" if wants_cuda else "cpu"):  # under torchrun: join its process group
         seed_everything(config.seed)
-        model = build_model(config.model, dataset.spec, dataset.num_outputs, **config.model_options)
+        model = build_model(method.model or config.model, dataset.spec, dataset.num_outputs, **config.model_options)
         summary = Trainer(model, dataset, config, out_dir=args.out, overwrite=args.overwrite).fit(resume=args.resume)
         if distributed.is_main():
             print(json.dumps({**summary, "world_size": distributed.world_size()}))
@@ -151,7 +153,8 @@ def _compare(args):
     distributed.require_one_process("compare")
     _set_threads(args)
     methods = split_methods(args.methods) if args.methods else sorted(METHODS)
-    compare(args.dataset, methods, args.seeds, args.out, save_models=args.save_models, **_training_config(args))
+    compare(args.dataset, methods, args.seeds, args.out, oracle=args.oracle, save_models=args.save_models,
+            **_training_config(args))
     return 0
 
 
@@ -198,6 +201,9 @@ def build_parser():
     comp.add_argument("--methods", default=None, help="comma-separated method specs (default: every method)")
     comp.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     comp.add_argument("--save-models", action="store_true", help="keep each run's model.pt")
+    comp.add_argument("--oracle", action="store_true",
+                      help="also train the per-pattern oracle (the same model on each missing pattern alone) and "
+                           "report each method beside it")
     comp.set_defaults(run=_compare)
 
     report = commands.add_parser("report", help="write a compare folder's report and plots again from its runs")

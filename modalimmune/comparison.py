@@ -7,22 +7,44 @@ import os
 
 from . import checks, distributed
 from .data import as_data, load_dataset
-from .eval.metrics import robustness
-from .eval.protocol import evaluate
+from .data.missing import missing_patterns
+from .eval.metrics import robustness, subset_name
+from .eval.protocol import evaluate, pattern_score
 from .eval.report import build_report, write_json, write_report
 from .methods import build_method, parse_method
 from .models import build_model
 from .train import TrainConfig, Trainer, seed_everything
 
 REFERENCE_METHOD = "erm"
+ORACLE_ALL_UP_TO = 5  # modalities: up to this many, the oracle covers every missing pattern
+ORACLE_SAMPLE = 20  # above: this many patterns (every single and leave-one-out one, the rest drawn)
 
 
-def compare(dataset, methods, seeds, out_dir, *, save_models=False, log=print, **config):
+def oracle_patterns(modalities):
+    """The missing patterns the oracle trains (positions kept): every one for M <= ORACLE_ALL_UP_TO,
+    else the fixed sample of :func:`missing_patterns` (docs/benchmark.md, "The oracle")."""
+    m = len(modalities)
+    return missing_patterns(m, None if m <= ORACLE_ALL_UP_TO else ORACLE_SAMPLE)
+
+
+def _train(dataset, spec, seed, run_dir, config, save_models):
+    """One run: the model (the ready model the method needs, else ``config.model``) trained with ``spec``."""
+    train_config = TrainConfig(**{**config, "method": spec, "seed": seed})
+    seed_everything(seed)
+    name = build_method(spec).model or train_config.model
+    model = build_model(name, dataset.spec, dataset.num_outputs, **train_config.model_options)
+    summary = Trainer(model, dataset, train_config, out_dir=run_dir, checkpoints=save_models, overwrite=True).fit()
+    return model, summary
+
+
+def compare(dataset, methods, seeds, out_dir, *, oracle=False, save_models=False, log=print, **config):
     """Trains ``methods`` (specs like ``"moddrop[p=0.3]"``) on ``dataset`` (a name or a path for
     :func:`load_dataset`, or what :func:`modalimmune.data.as_data` takes) with each of ``seeds``
     (a count or a list) and writes ``out_dir/report.{json,md}``, the plots and,
     per run, ``runs/METHOD/seedS/{metrics.jsonl,eval.json}`` (and ``model.pt``
-    with ``save_models``). ``config``: TrainConfig
+    with ``save_models``). ``oracle``: also train, for each of :func:`oracle_patterns` and seed, the
+    same model on that pattern alone (``erm[keep=...]``, in ``oracle/PATTERN/seedS/``), and report each
+    method beside it. ``config``: TrainConfig
     fields other than method and seed. Returns the report dict. Every argument and method
     spec is checked before any training or write. One process: under torchrun every rank
     would train every run and write the same files (refused)."""
@@ -42,12 +64,8 @@ def compare(dataset, methods, seeds, out_dir, *, save_models=False, log=print, *
     for spec in methods:
         runs[spec] = []
         for seed in seeds:
-            run_dir = os.path.join(out_dir, "runs", spec, f"seed{seed}")
-            train_config = TrainConfig(**{**config, "method": spec, "seed": seed})
-            seed_everything(seed)
-            model = build_model(train_config.model, dataset.spec, dataset.num_outputs, **train_config.model_options)
-            summary = Trainer(model, dataset, train_config, out_dir=run_dir, checkpoints=save_models,
-                              overwrite=True).fit()
+            model, summary = _train(dataset, spec, seed, os.path.join(out_dir, "runs", spec, f"seed{seed}"), config,
+                                    save_models)
             result = evaluate(model, dataset, "test", seed=seed)
             result["training"] = summary
             runs[spec].append(result)
@@ -67,10 +85,28 @@ def compare(dataset, methods, seeds, out_dir, *, save_models=False, log=print, *
                         curve.update(robustness(curve["levels"], curve[metric],
                                                 against["corruption"][name][family][metric], metric))
             write_json(os.path.join(out_dir, "runs", spec, f"seed{seed}", "eval.json"), result)
-    report = build_report(dataset.name, dataset.modalities, seeds, runs)
+    oracles = _oracle(dataset, seeds, out_dir, config, save_models, log) if oracle else None
+    report = build_report(dataset.name, dataset.modalities, seeds, runs, oracles)
     paths = write_report(out_dir, report, runs)
     log("wrote " + ", ".join(paths.values()))
     return report
+
+
+def _oracle(dataset, seeds, out_dir, config, save_models, log):
+    """``{pattern: [test metric per seed]}``: ERM on each oracle pattern alone, scored on that pattern."""
+    scores = {}
+    for pattern in oracle_patterns(dataset.modalities):
+        name = subset_name(dataset.modalities, pattern)
+        scores[name] = []
+        for seed in seeds:
+            run_dir = os.path.join(out_dir, "oracle", name, f"seed{seed}")
+            model, summary = _train(dataset, f"erm[keep={name}]", seed, run_dir, config, save_models)
+            score = pattern_score(model, dataset, pattern, "test")
+            write_json(os.path.join(run_dir, "eval.json"), {"pattern": name, "seed": seed, "score": score,
+                                                            "training": summary})
+            scores[name].append(score)
+            log(f"oracle {name} seed {seed}: {score:.4f} ({summary['seconds']:.1f} s)")
+    return scores
 
 
 def rebuild_report(out_dir, log=print):
@@ -91,7 +127,19 @@ def rebuild_report(out_dir, log=print):
                 checks.fail("out", "the evaluation of every run the report lists", f"no {run}", FileNotFoundError)
             with open(run) as file:
                 runs[method].append(json.load(file))
-    report = build_report(previous["dataset"], previous["modalities"], previous["seeds"], runs)
+    oracles = None
+    if previous.get("oracle"):
+        oracles = {}
+        for pattern in previous["oracle"]["patterns"]:
+            oracles[pattern] = []
+            for seed in previous["seeds"]:
+                run = os.path.join(out_dir, "oracle", pattern, f"seed{seed}", "eval.json")
+                if not os.path.isfile(run):
+                    checks.fail("out", "the evaluation of every oracle run the report lists", f"no {run}",
+                                FileNotFoundError)
+                with open(run) as file:
+                    oracles[pattern].append(json.load(file)["score"])
+    report = build_report(previous["dataset"], previous["modalities"], previous["seeds"], runs, oracles)
     paths = write_report(out_dir, report, runs)
     log("wrote " + ", ".join(paths.values()))
     return report

@@ -163,10 +163,11 @@ def test_torchrun_cli_trains_and_resumes(tmp_path):
 
 
 @pytest.mark.parametrize("method", [
-    "modalimmune[hyper_every=2]",
-    # partial collapse (the SVD over the gathered rows), per-sample targets, noise, no mask
-    "modalimmune[hyper_every=2,s_min=0.5,s_max=0.5,per_sample=true,mask=soft]",
-    "modalimmune[hyper_every=3,intervention=noise,s_min=0.3,s_max=0.6,mask=off]",
+    "modalimmune",  # the defaults: the learnability controller (a measurement linear in the rows' gradient)
+    "modalimmune[hyper_every=2,hypergrad=neumann,mask=hard]",
+    # partial collapse (the SVD over the gathered rows), the IG controller, noise, no mask
+    "modalimmune[hyper_every=2,hypergrad=neumann,s_min=0.5,s_max=0.5,controller=ig,mask=soft]",
+    "modalimmune[hyper_every=3,hypergrad=neumann,intervention=noise,s_min=0.3,s_max=0.6,controller=ig,per_sample=false]",
 ])
 def test_modalimmune_two_ranks_equal_one_process(method, tmp_path):
     """The batch-level statistics (collapse SVD, noise power, effective rank), the draws, g_c,
@@ -180,7 +181,8 @@ def test_modalimmune_two_ranks_equal_one_process(method, tmp_path):
         torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
     read = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     records = list(zip(read(tmp_path / "one"), read(tmp_path / "two"), strict=True))
-    assert any(a.get("hyper/solves", 0) > 0 for a, _ in records), "no hypergradient step was taken"
+    if "neumann" in method:
+        assert any(a.get("hyper/solves", 0) > 0 for a, _ in records), "no hypergradient step was taken"
     for a, b in records:
         for key in ("loss", "term/erank", "mask/tau", "hyper/iterations", "hyper/applied_total", "lambda/imm"):
             if key in a:

@@ -127,7 +127,7 @@ def test_report_layout_and_files(oracle_data, tmp_path):
     for r in runs["erm"]:
         r["effective_robustness"] = 0.0
     report = build_report("toy", oracle_data.modalities, [0, 1], runs)
-    assert set(report) == {"dataset", "metric", "modalities", "seeds", "methods", "paired_vs_moddrop"}
+    assert set(report) == {"dataset", "metric", "modalities", "seeds", "methods", "paired_vs_moddrop", "oracle"}
     assert report["metric"] == "accuracy" and report["paired_vs_moddrop"] == {}  # no moddrop run to pair with
     entry = report["methods"]["erm"]
     assert set(entry) == {"clean_accuracy", "clean_balanced_accuracy", "subset_accuracy", "mean_missing_accuracy",
@@ -202,26 +202,26 @@ def test_a_report_is_rebuilt_from_its_runs(oracle_data, tmp_path):
         rebuild_report(str(tmp_path / "runs"))
 
 
-def test_ig_plot_from_the_runs_metrics(oracle_data, tmp_path):
+def test_controller_plot_from_the_runs_metrics(oracle_data, tmp_path):
     runs = {name: [evaluate(Oracle(), oracle_data, seed=0)] for name in ("erm", "modalimmune")}
-    for name, ig in (("erm", None), ("modalimmune", (0.5, 0.1, 0.0))):
+    for name, pi in (("erm", None), ("modalimmune", (0.5, 0.1, 0.0))):
         run_dir = tmp_path / "runs" / name / "seed0"
         run_dir.mkdir(parents=True)
         records = [{"event": "step", "step": 10 * k, "loss": 1.0} for k in (1, 2, 3)]
-        if ig:
+        if pi:
             for k, record in enumerate(records):
-                record.update({f"ig/{m}": v * (k + 1) for m, v in zip("abc", ig)})
+                record.update({f"pi/{m}": v * (k + 1) for m, v in zip("abc", pi)})
         records.insert(1, {"event": "val", "step": 10, "val_accuracy": 1.0})
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    steps, values = plots.ig_history(str(tmp_path / "runs" / "modalimmune" / "seed0"))
+    steps, values = plots.controller_history(str(tmp_path / "runs" / "modalimmune" / "seed0"))
     assert steps == [10, 20, 30] and list(values) == ["a", "b", "c"]
     assert values["b"] == pytest.approx([0.1, 0.2, 0.3]) and values["c"] == [0.0, 0.0, 0.0]
-    assert list(plots.method_ig_histories(str(tmp_path), ["erm", "modalimmune"])) == ["modalimmune"]
+    assert list(plots.method_controller_histories(str(tmp_path), ["erm", "modalimmune"])) == ["modalimmune"]
     report = build_report("toy", oracle_data.modalities, [0], runs)
     paths = write_report(str(tmp_path), report, runs)
-    assert open(paths["ig_plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert open(paths["controller_plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     del runs["modalimmune"], report["methods"]["modalimmune"]
-    assert "ig_plot" not in write_report(str(tmp_path / "erm_only"), report, runs)  # no run logs IG: no plot
+    assert "controller_plot" not in write_report(str(tmp_path / "erm_only"), report, runs)  # no controller: no plot
 
 
 def test_natural_missingness_skips_the_patterns_a_sample_cannot_have():

@@ -38,7 +38,7 @@ def one_step(trainer, step=0):
 
 
 def test_mask_is_applied_to_the_gradient(data, monkeypatch):
-    trainer = make(data, "modalimmune[probe_every=0,hypergrad=off]")
+    trainer = make(data, "modalimmune[mask=hard,probe_every=0]")
     method = trainer.method
     for d in method.masker.curvature:  # every coordinate sharply curved: disagreements are blocked
         d.fill_(1.0)
@@ -70,14 +70,14 @@ def test_mask_off_adds_the_full_destructive_gradient(data):
 
 
 def test_probe_updates_the_curvature(data):
-    trainer = make(data, "modalimmune[probe_every=1,hypergrad=off]")
+    trainer = make(data, "modalimmune[mask=hard,probe_every=1]")
     one_step(trainer)
     assert sum(float(d.abs().sum()) for d in trainer.method.masker.curvature) > 0
     assert trainer.method.masker.tau < float(torch.finfo(torch.float32).max)
 
 
 def test_hypergradient_moves_phi_when_certified(data, monkeypatch):
-    trainer = make(data, "modalimmune[hyper_every=1,hyper_lr=0.1]")
+    trainer = make(data, "modalimmune[hypergrad=neumann,hyper_every=1,hyper_lr=0.1]")
     method = trainer.method
     calls = []
     original = tuner.implicit_hypergradient
@@ -105,7 +105,7 @@ def test_hypergradient_moves_phi_when_certified(data, monkeypatch):
 def test_hypergradient_through_the_attention_model(data):
     """The fusion transformer's attention (a fused kernel in training) is differentiated twice by the
     solve; the damping relative to the curvature's scale certifies it within ``hyper_iters``."""
-    trainer = make(data, "modalimmune[hyper_every=1]", model="transformer")
+    trainer = make(data, "modalimmune[hypergrad=neumann,hyper_every=1]", model="transformer")
     one_step(trainer, step=0)
     logs = one_step(trainer, step=1)
     assert logs["hyper/solves"] == 1 and logs["hyper/iterations"] > 0
@@ -115,7 +115,7 @@ def test_hypergradient_through_the_attention_model(data):
 
 
 def test_uncertified_hypergradient_leaves_phi_unchanged(data):
-    trainer = make(data, "modalimmune[hyper_every=1,hyper_tol=1e-12,hyper_iters=2]")
+    trainer = make(data, "modalimmune[hypergrad=neumann,hyper_every=1,hyper_tol=1e-12,hyper_iters=2]")
     before = trainer.method.tuner.phi.detach().clone()
     one_step(trainer, step=0)
     logs = one_step(trainer, step=1)
@@ -125,7 +125,7 @@ def test_uncertified_hypergradient_leaves_phi_unchanged(data):
 
 
 def test_uncertified_by_certificate_flag_is_not_applied(data, monkeypatch):
-    trainer = make(data, "modalimmune[hyper_every=1]")
+    trainer = make(data, "modalimmune[hypergrad=neumann,hyper_every=1]")
     original = tuner.implicit_hypergradient
 
     def refuse(*args, **kwargs):
@@ -157,7 +157,7 @@ def test_ablations_train(data, options):
 
 
 def test_controller_estimates_are_logged(data):
-    trainer = make(data, "modalimmune[hypergrad=off]")
+    trainer = make(data, "modalimmune[controller=ig,per_sample=false]")
     logs = one_step(trainer)
     for name in data.modalities:
         assert logs[f"ig/{name}"] >= 0 and 0 <= logs[f"strength/{name}"] <= 1 and f"target/{name}" in logs
@@ -169,7 +169,7 @@ def test_controller_estimates_are_logged(data):
 
 @pytest.mark.parametrize("samples, rows", [(0, 16), (5, 5), (40, 16)])
 def test_controller_measures_the_first_ig_samples(data, samples, rows):
-    trainer = make(data, f"modalimmune[hypergrad=off,ig_samples={samples}]")
+    trainer = make(data, f"modalimmune[controller=ig,ig_samples={samples}]")
     controller, seen = trainer.method.controller, []
     measure = controller.measure
     controller.measure = lambda model, embeddings, present, *args: (
@@ -180,7 +180,7 @@ def test_controller_measures_the_first_ig_samples(data, samples, rows):
 
 
 def test_resume_restores_the_whole_method_state(data, tmp_path):
-    spec = "modalimmune[hyper_every=3,probe_every=2]"
+    spec = "modalimmune[mask=hard,hypergrad=neumann,hyper_every=3,probe_every=2]"
     whole = make(data, spec, tmp_path / "whole", checkpoint_every=3)
     whole.fit()
     cut = make(data, spec, tmp_path / "cut", checkpoint_every=3)
@@ -265,7 +265,7 @@ def test_a_nonfinite_step_is_skipped_and_leaves_the_method_state_untouched(data,
     """NaN embeddings on one step, on which the controller measures, the masker probes and phi is
     solved for: the step is skipped and counted like any method's, and the controller's estimates,
     the masker's D, tau and step count and phi are as before it; training then goes on."""
-    trainer = make(data, "modalimmune[ig_every=1,probe_every=1,hyper_every=1]", epochs=2)
+    trainer = make(data, "modalimmune[mask=hard,hypergrad=neumann,ig_every=1,probe_every=1,hyper_every=1]", epochs=2)
     encode, poisoned = trainer.model.encode, {"on": False}
     monkeypatch.setattr(trainer.model, "encode", lambda batch: {
         k: z * float("nan") if poisoned["on"] else z for k, z in encode(batch).items()})

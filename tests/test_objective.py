@@ -66,13 +66,13 @@ def tiny_setup(decode=False):
     return model, batch
 
 
-def intervened_terms(model, batch, decode=False):
+def intervened_terms(model, batch, decode=False, consistency="kl"):
     z = model.encode(batch)
     present = model.all_present(batch)
     clean = Views(z, present, batch.masks)
     perturbed = Views({**z, "b": collapse(z["b"], 0.6)}, present, batch.masks)
     outputs = forward_pair(model, clean, perturbed, decode=decode)
-    return outputs, objective_terms(outputs, batch.labels, z, batch.masks)
+    return outputs, objective_terms(outputs, batch.labels, z, batch.masks, consistency=consistency)
 
 
 def test_clean_term_is_the_erm_loss_and_its_gradient_ignores_the_intervention():
@@ -89,12 +89,24 @@ def test_clean_term_is_the_erm_loss_and_its_gradient_ignores_the_intervention():
             torch.testing.assert_close(a, b)
 
 
+def test_prediction_consistency_moves_only_the_damaged_prediction():
+    model, batch = tiny_setup()
+    outputs, terms = intervened_terms(model, batch)
+    g_clean, g_tilde = torch.autograd.grad(terms.consistency, [outputs.logits, outputs.logits_tilde],
+                                           allow_unused=True)
+    assert g_clean is None and g_tilde.abs().max() > 0  # the clean prediction is the teacher: no gradient
+
+
 def test_terms_against_direct_computation():
     model, batch = tiny_setup(decode=True)
     outputs, terms = intervened_terms(model, batch, decode=True)
     assert isinstance(outputs, Outputs)
     torch.testing.assert_close(terms.immunity, torch.nn.functional.cross_entropy(outputs.logits_tilde, batch.labels))
-    torch.testing.assert_close(terms.consistency, ((outputs.joint - outputs.joint_tilde) ** 2).mean())
+    p_clean = outputs.logits.double().softmax(-1)
+    kl = (p_clean * (p_clean.log() - outputs.logits_tilde.double().log_softmax(-1))).sum(-1).mean()
+    torch.testing.assert_close(terms.consistency.double(), kl)
+    _, representation = intervened_terms(model, batch, decode=True, consistency="representation")
+    torch.testing.assert_close(representation.consistency, ((outputs.joint - outputs.joint_tilde) ** 2).mean())
     singular = torch.linalg.svdvals(outputs.joint_tilde.detach().double())
     p = singular / singular.sum() + 1e-7
     assert terms.erank.item() == pytest.approx(torch.exp(-(p * p.log()).sum()).item() / 12, rel=1e-3)

@@ -26,8 +26,10 @@ def model_for(data):
 
 
 @pytest.mark.parametrize("method, bf16", [("erm", False), ("ogm_ge", False), ("moddrop", True),
-                                          ("modalimmune[hyper_every=3,probe_every=2,ig_every=2]", False),
-                                          ("modalimmune[hyper_every=3,probe_every=2]", True)])
+                                          ("modalimmune[mask=hard,hypergrad=neumann,hyper_every=3,probe_every=2,"
+                                           "ig_every=2]", False),
+                                          ("modalimmune[mask=hard,hypergrad=neumann,hyper_every=3,probe_every=2]",
+                                           True)])
 def test_own_loop_trains_the_trainers_parameters(method, bf16):
     data = tiny_dataset(n=240)
     settings = dict(epochs=1, batch_size=16, grad_accum=2, seed=3)

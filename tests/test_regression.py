@@ -51,8 +51,9 @@ def test_validation_selects_on_the_error(data):
     trainer = make(data, "erm", epochs=3)
     trainer.fit()
     val = trainer.validate()
-    assert set(val) == {"val_loss", "val_mae"}
-    assert trainer.state["best_score"] <= 0  # the negated error
+    assert set(val) == {"val_loss", "val_mae", "val_missing_mae", "val_score"}
+    assert val["val_score"] == pytest.approx(-(val["val_mae"] + val["val_missing_mae"]) / 2)  # the negated error
+    assert trainer.state["best_score"] <= 0
 
 
 def test_information_gain_of_a_regression_is_half_the_squared_change(data):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_data import single_thread, tiny_dataset  # noqa: F401 (autouse fixture)
 
+from modalimmune.data.missing import missing_patterns
 from modalimmune.methods import build_method, parse_method, split_methods
 from modalimmune.methods.baselines import ogm_coefficients
 from modalimmune.models import build_model
@@ -33,7 +34,7 @@ def test_training_learns_the_task(data):
     assert summary["best_val_score"] >= 0.9
 
 
-@pytest.mark.parametrize("method", ["erm", "moddrop", "ogm_ge"])
+@pytest.mark.parametrize("method", ["erm", "moddrop", "ogm_ge", "moddrop_kd", "ensemble", "modalimmune"])
 def test_resume_reproduces_an_uninterrupted_run(data, tmp_path, method):
     whole = make(data, tmp_path / "whole", method=method, checkpoint_every=3)
     whole.fit()
@@ -65,24 +66,48 @@ def test_early_stopping(data):
     assert summary["stopped_early"] and summary["epochs"] == 3
 
 
+def val_records(out_dir):
+    return [r for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines()) if r["event"] == "val"]
+
+
 def test_robust_selection_keeps_the_best_clean_and_missing_mean(data, tmp_path):
-    trainer = make(data, tmp_path, select="robust", epochs=5, lr=5e-3)
+    trainer = make(data, tmp_path, select="robust", epochs=6, lr=5e-3)
     trainer.fit()
-    vals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    vals = [r for r in vals if r["event"] == "val"]
+    vals = val_records(tmp_path)
     for r in vals:
         assert r["val_score"] == pytest.approx((r["val_accuracy"] + r["val_missing_accuracy"]) / 2)
     scores = [r["val_score"] for r in vals]
-    assert trainer.state["best_score"] == max(scores)
-    assert trainer.state["best_epoch"] == scores.index(max(scores))
-    assert trainer.validate() == trainer.validate()  # the same missing patterns every time
-    seen = []  # the missing patterns drop modalities and keep at least one per sample
+    kept = trainer.state["best_epoch"]
+    # the law: no later epoch scores better than the kept one, and a tie keeps the later epoch
+    assert scores[kept] == max(scores) and all(s < scores[kept] for s in scores[kept + 1:])
+    assert trainer.validate() == trainer.validate()
+    seen = []  # the missing patterns: every non-empty proper subset of the modalities, after the clean pass
     fuse = trainer.model.fuse
     trainer.model.fuse = lambda embeddings, present, masks=None: (seen.append(present)
                                                                   or fuse(embeddings, present, masks))
     trainer.validate()
-    patterns = torch.cat(seen[1::2])  # per batch: the clean pass, then the missing one
-    assert len(patterns) == data.split_size("val") and not patterns.all() and patterns.any(1).all()
+    patterns = [tuple(torch.nonzero(p[0]).flatten().tolist()) for p in seen[1:]]
+    assert seen[0].all() and all((p == p[:1]).all() for p in seen)
+    assert patterns == missing_patterns(len(data.modalities))
+
+
+def test_selection_of_a_flat_run_keeps_the_last_epoch(data, tmp_path):
+    trainer = make(data, tmp_path, epochs=3, lr=1e-12)  # every epoch scores the same: a tie keeps the later
+    assert trainer.fit()["best_epoch"] == 2
+
+
+@pytest.mark.parametrize("select", ["clean", "last"])
+def test_clean_and_last_selection(data, tmp_path, select):
+    trainer = make(data, tmp_path, select=select, epochs=4, lr=5e-3)
+    trainer.fit()
+    vals = val_records(tmp_path)
+    assert all("val_missing_accuracy" not in r for r in vals)
+    if select == "last":
+        assert trainer.state["best_epoch"] == 3
+    else:
+        accuracy = [r["val_accuracy"] for r in vals]
+        assert accuracy[trainer.state["best_epoch"]] == max(accuracy)
+        assert all(a < max(accuracy) for a in accuracy[trainer.state["best_epoch"] + 1:])
 
 
 def test_metrics_jsonl_and_exported_model(data, tmp_path):
@@ -228,7 +253,7 @@ def test_a_model_written_to_the_documented_contract_trains(data):
 
 @pytest.mark.parametrize("change, message", [
     ({"lr": 1e-5}, r"another lr \(lr=0.002; this run: lr=1e-05\)"),
-    ({"select": "robust"}, "another select"),
+    ({"select": "clean"}, "another select"),
     ({"model_seed": 0, "hidden": 8}, "weights of another model"),
 ])
 def test_resume_refuses_what_a_resumed_run_cannot_change(data, tmp_path, change, message):

@@ -1,4 +1,7 @@
-"""Random missing-modality patterns (training-time ModDrop and the test-time drop-rate curve)."""
+"""Missing-modality patterns: random ones (training-time ModDrop, the test-time drop-rate curve) and
+the fixed list that validation and the oracle go through."""
+
+import itertools
 
 import torch
 
@@ -27,3 +30,19 @@ def random_present(batch, modalities, rate, generator=None, device=None, *, with
     none_left = ~present.any(1)
     present[none_left, rescue[none_left]] = True
     return present
+
+
+def missing_patterns(modalities, limit=None, seed=0):
+    """The missing patterns of ``modalities`` modalities: every non-empty proper subset of kept
+    positions (tuples, by size then in order). With ``limit`` and more patterns than that, a
+    fixed sample of ``limit``: every single modality and every leave-one-out pattern (the
+    extremes: the weakest pattern is usually a single modality), then patterns drawn from the rest
+    with ``seed`` (docs/benchmark.md, "The oracle")."""
+    every = [s for size in range(1, modalities) for s in itertools.combinations(range(modalities), size)]
+    if limit is None or len(every) <= limit:
+        return every
+    extremes = [s for s in every if len(s) in (1, modalities - 1)]
+    rest = [s for s in every if len(s) not in (1, modalities - 1)]
+    order = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed)).tolist()
+    chosen = set(extremes[:limit]) | {rest[i] for i in order[:max(0, limit - len(extremes))]}
+    return [s for s in every if s in chosen]

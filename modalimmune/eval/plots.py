@@ -87,12 +87,12 @@ def corruption_plot(path, report):
     plt.close(fig)
 
 
-IG_PREFIX = "ig/"
+DRAW_PREFIX = "pi/"  # what every ModalImmune controller logs: the probability each modality is removed
 
 
-def ig_history(run_dir):
-    """``(steps, {modality: values})`` of the ``ig/<modality>`` figures of one run's
-    metrics.jsonl (step records only); empty when the run logs none."""
+def controller_history(run_dir):
+    """``(steps, {modality: values})`` of the ``pi/<modality>`` figures (the controller's probability of
+    removing each modality) of one run's metrics.jsonl (step records only); empty when the run logs none."""
     steps, values = [], {}
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
@@ -100,30 +100,30 @@ def ig_history(run_dir):
     with open(path) as file:
         for line in file:
             record = json.loads(line)
-            gains = {k[len(IG_PREFIX):]: v for k, v in record.items() if k.startswith(IG_PREFIX)}
-            if record.get("event") != "step" or not gains:
+            draws = {k[len(DRAW_PREFIX):]: v for k, v in record.items() if k.startswith(DRAW_PREFIX)}
+            if record.get("event") != "step" or not draws:
                 continue
             steps.append(record["step"])
-            for name, value in gains.items():
+            for name, value in draws.items():
                 values.setdefault(name, []).append(value)
     return steps, values
 
 
-def method_ig_histories(out_dir, methods):
-    """Per method (in ``methods`` order): the IG histories of its seeds that log a non-zero IG
-    (the uniform controller logs zeros)."""
+def method_controller_histories(out_dir, methods):
+    """Per method (in ``methods`` order): the controller histories of its seeds (methods without a
+    controller log none)."""
     histories = {}
     for method in methods:
         for run_dir in sorted(glob.glob(os.path.join(glob.escape(out_dir), "runs", glob.escape(method), "seed*"))):
-            steps, values = ig_history(run_dir)
-            if steps and any(v != 0 for series in values.values() for v in series):
+            steps, values = controller_history(run_dir)
+            if steps:
                 histories.setdefault(method, []).append((steps, values))
     return histories
 
 
-def ig_plot(path, report, histories):
-    """One panel per method: IG_m (nats) against the optimizer step, mean over the seeds
-    (truncated to the shortest run, since early stopping ends seeds at different steps)."""
+def controller_plot(path, report, histories):
+    """One panel per method: the probability that each modality is removed against the optimizer step,
+    mean over the seeds (truncated to the shortest run)."""
     fig, axes = plt.subplots(len(histories), 1, figsize=(7, 2.6 * len(histories)), squeeze=False, sharex=True)
     for ax, (method, runs) in zip(axes[:, 0], histories.items()):
         length = min(len(steps) for steps, _ in runs)
@@ -132,12 +132,11 @@ def ig_plot(path, report, histories):
             series = np.array([values[name][:length] for _, values in runs if name in values])
             if len(series):
                 ax.plot(steps, series.mean(0), label=name)
-        ax.set(ylabel="IG (nats)", title=f"{method} ({len(runs)} seeds, mean)")
-        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.set(ylabel="P(removed)", title=f"{method} ({len(runs)} seeds, mean)", ylim=(0, 1))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=min(6, len(report["modalities"])))
     axes[-1, 0].set_xlabel("optimizer step")
-    fig.suptitle(f"{report['dataset']}: per-modality information gain over training", fontsize=10)
+    fig.suptitle(f"{report['dataset']}: the controller's draw over training", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -151,8 +150,8 @@ def write_plots(out_dir, report):
     if any(entry.get("corruption") for entry in report["methods"].values()):
         paths["corruption_plot"] = os.path.join(out_dir, "corruption.png")
         corruption_plot(paths["corruption_plot"], report)
-    histories = method_ig_histories(out_dir, report["methods"])
+    histories = method_controller_histories(out_dir, report["methods"])
     if histories:
-        paths["ig_plot"] = os.path.join(out_dir, "ig.png")
-        ig_plot(paths["ig_plot"], report, histories)
+        paths["controller_plot"] = os.path.join(out_dir, "controller.png")
+        controller_plot(paths["controller_plot"], report, histories)
     return paths

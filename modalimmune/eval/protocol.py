@@ -113,8 +113,7 @@ def evaluate(model, dataset, split="test", seed=0, *, drop_rates=metrics.DROP_RA
         names = dataset.modalities
         cache = _Cache(model, dataset, split, batch_size, device)
         m = len(names)
-        pattern = lambda keep: lambda n, i: torch.zeros(n, m, dtype=torch.bool).index_fill_(  # noqa: E731
-            1, torch.tensor(keep), True)
+        pattern = lambda keep: _kept(keep, m)  # noqa: E731
         metric = cache.metric
         subset = {metrics.subset_name(names, s): cache.score(pattern(s), rows=cache.having(s))
                   for s in metrics.subsets(names)}
@@ -146,6 +145,26 @@ def evaluate(model, dataset, split="test", seed=0, *, drop_rates=metrics.DROP_RA
     finally:
         model.train(was_training)
     return result
+
+
+def _kept(keep, modalities):
+    """The present masks of a fixed pattern: the modality positions ``keep`` in every sample."""
+    return lambda n, i: torch.zeros(n, modalities, dtype=torch.bool).index_fill_(1, torch.tensor(list(keep)), True)
+
+
+@torch.no_grad()
+def pattern_score(model, dataset, keep, split="test", *, batch_size=512, device=None):
+    """The task's metric of ``model`` on ``split`` with only the modalities at positions ``keep``
+    present (over the samples that have them all; None when none does): one missing pattern of
+    :func:`evaluate`, for the per-pattern oracle."""
+    dataset = _check(model, dataset, split)
+    was_training = model.training
+    model.eval()
+    try:
+        cache = _Cache(model, dataset, split, batch_size, device or next(model.parameters()).device)
+        return cache.score(_kept(keep, len(dataset.modalities)), rows=cache.having(keep))
+    finally:
+        model.train(was_training)
 
 
 def _drop_masks(cache, modalities, rate, seed, level):

@@ -58,8 +58,43 @@ def paired_differences(runs, metric, against=PAIRED_AGAINST):
     return paired
 
 
-def build_report(dataset_name, modalities, seeds, runs):
-    """``runs[method][i]`` is the evaluate() result of seed ``seeds[i]`` (all of one task's metric)."""
+def _over_patterns(scores, metric):
+    """(mean, worst) of one seed's scores over patterns (the worst of an error metric is its largest)."""
+    return float(np.mean(scores)), float(np.max(scores) if metric in metrics.ERROR_METRICS else np.min(scores))
+
+
+def oracle_summary(oracle, runs, metric):
+    """The per-pattern oracle beside every method (docs/benchmark.md, "The oracle"): ``oracle`` is
+    ``{pattern: [score per seed]}``. Every figure is over the oracle's patterns only: per pattern the
+    oracle's score; the mean and the worst over the patterns, of the oracle and of each method (seed by
+    seed, then mean ± std); ``gap`` the oracle's lead over ModDrop (positive: the oracle is better) and
+    each method's ``gap_closed``, the share of that lead it wins back, (method - moddrop) / (oracle -
+    moddrop) on the means over seeds (None without ModDrop or without a gap)."""
+    patterns = list(oracle)
+    sign = -1 if metric in metrics.ERROR_METRICS else 1
+    seeds = len(next(iter(oracle.values())))
+    summary = lambda per_seed: {key: _figure([_over_patterns(s, metric)[k] for s in per_seed])  # noqa: E731
+                                for k, key in enumerate(("mean_missing", "worst_missing"))}
+    out = {"patterns": {p: _figure(oracle[p]) for p in patterns},
+           **summary([[oracle[p][i] for p in patterns] for i in range(seeds)]), "methods": {}}
+    for method, results in runs.items():
+        out["methods"][method] = summary([[r[f"subset_{metric}"][p] for p in patterns] for r in results])
+    baseline = out["methods"].get(PAIRED_AGAINST)
+    for key in ("mean_missing", "worst_missing"):
+        if baseline is None or baseline[key]["mean"] is None or out[key]["mean"] is None:
+            continue
+        gap = out[key]["mean"] - baseline[key]["mean"]
+        out.setdefault("gap", {})[key] = sign * gap
+        for method, entry in out["methods"].items():
+            closed = None if abs(gap) < 1e-12 or entry[key]["mean"] is None else (
+                (entry[key]["mean"] - baseline[key]["mean"]) / gap)
+            entry.setdefault("gap_closed", {})[key] = closed
+    return out
+
+
+def build_report(dataset_name, modalities, seeds, runs, oracle=None):
+    """``runs[method][i]`` is the evaluate() result of seed ``seeds[i]`` (all of one task's metric);
+    ``oracle``: ``{pattern: [score per seed]}`` of ``compare --oracle`` (None: none was trained)."""
     metric = next(iter(runs.values()))[0]["metric"]
     methods = {}
     for method, results in runs.items():
@@ -77,7 +112,8 @@ def build_report(dataset_name, modalities, seeds, runs):
             for name, curves in results[0]["corruption"].items()}
         methods[method] = entry
     return {"dataset": dataset_name, "metric": metric, "modalities": list(modalities), "seeds": list(seeds),
-            "methods": methods, f"paired_vs_{PAIRED_AGAINST}": paired_differences(runs, metric)}
+            "methods": methods, f"paired_vs_{PAIRED_AGAINST}": paired_differences(runs, metric),
+            "oracle": oracle_summary(oracle, runs, metric) if oracle else None}
 
 
 def _cell(figure, scale):
@@ -104,6 +140,7 @@ def markdown(report, runs):
     for name, entry in methods.items():
         lines.append(f"| {name} | " + " | ".join(_cell(entry[k], s) for k, _, s in summary) + " |")
     lines += _paired_table(report, metric)
+    lines += _oracle_table(report, metric)
     rates = next(iter(methods.values()))["drop_rate_curve"]["rates"]
     lines += ["", f"## {label} vs test-time drop rate ({unit})", "",
               "| method | " + " | ".join(f"p={r}" for r in rates) + " |", "|---" * (1 + len(rates)) + "|"]
@@ -128,12 +165,41 @@ def markdown(report, runs):
             if results[0]["reconstruction_r2"]:
                 lines.append(f"| {name} | " + " | ".join(
                     f"{np.mean([r['reconstruction_r2'][m] for r in results]):.3f}" for m in names) + " |")
+    oracle = (report.get("oracle") or {}).get("patterns", {})
     lines += ["", f"## {label} per missing pattern (kept modalities, {unit})", "",
-              "| kept | " + " | ".join(methods) + " |", "|---" * (1 + len(methods)) + "|"]
+              "| kept | " + " | ".join(methods) + (" | oracle |" if oracle else " |"),
+              "|---" * (1 + len(methods) + bool(oracle)) + "|"]
     for subset in next(iter(methods.values()))[f"subset_{metric}"]:
         lines.append(f"| {subset} | " + " | ".join(_cell(e[f"subset_{metric}"][subset], scale)
-                                                   for e in methods.values()) + " |")
+                                                   for e in methods.values())
+                     + (f" | {_cell(oracle[subset], scale) if subset in oracle else ''} |" if oracle else " |"))
     return "\n".join(lines) + "\n"
+
+
+def _oracle_table(report, metric):
+    """Each method beside the per-pattern oracle: mean and worst over the oracle's patterns, and the share
+    of ModDrop's gap to the oracle it closes."""
+    oracle = report.get("oracle")
+    if not oracle:
+        return []
+    label, unit, scale = UNITS[metric]
+    digits = 1 if scale == 100 else 3
+    gap = oracle.get("gap", {})
+    share = lambda v: "–" if v is None else f"{100 * v:.0f} %"  # noqa: E731
+    lines = ["", f"## Beside the per-pattern oracle ({len(oracle['patterns'])} patterns; {unit}, "
+                 "mean ± std over seeds)",
+             "", "The oracle: for each missing pattern, the same model trained on that pattern alone (ERM, the same "
+             "budget and selection). ModDrop's gap to it: mean missing "
+             + (f"{gap['mean_missing'] * scale:.{digits}f}" if "mean_missing" in gap else "–") + ", worst missing "
+             + (f"{gap['worst_missing'] * scale:.{digits}f}" if "worst_missing" in gap else "–")
+             + "; \"closed\": the share of that gap a method wins back.", "",
+             "| method | mean missing | closed | worst missing | closed |", "|---|---|---|---|---|",
+             f"| oracle | {_cell(oracle['mean_missing'], scale)} | | {_cell(oracle['worst_missing'], scale)} | |"]
+    for name, entry in oracle["methods"].items():
+        closed = entry.get("gap_closed", {})
+        lines.append(f"| {name} | {_cell(entry['mean_missing'], scale)} | {share(closed.get('mean_missing'))} | "
+                     f"{_cell(entry['worst_missing'], scale)} | {share(closed.get('worst_missing'))} |")
+    return lines
 
 
 def _paired_table(report, metric):

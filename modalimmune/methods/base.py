@@ -194,12 +194,22 @@ class Forward:
     loss: torch.Tensor
 
 
-def task_loss(outputs, labels):
+def task_loss(outputs, labels, reduction="mean"):
     """The supervised loss: cross-entropy for class labels, the mean squared error for regression
-    targets (float labels; the model has one output)."""
+    targets (float labels; the model has one output); ``reduction="none"``: per sample."""
     if labels.is_floating_point():
-        return F.mse_loss(outputs.float().squeeze(-1), labels.float())
-    return F.cross_entropy(outputs.float(), labels)
+        return F.mse_loss(outputs.float().squeeze(-1), labels.float(), reduction=reduction)
+    return F.cross_entropy(outputs.float(), labels, reduction=reduction)
+
+
+def distillation_loss(teacher, student):
+    """How far the ``student`` prediction is from the stop-gradient ``teacher`` one, averaged over the
+    batch: KL(sg p_teacher || p_student) from class logits, or half the squared difference of predicted
+    values (regression: the KL of unit-variance Gaussians). Its gradient moves the student only."""
+    teacher, student = teacher.detach().float(), student.float()
+    if student.shape[-1] == 1:
+        return 0.5 * (teacher - student).square().sum(-1).mean()
+    return F.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="batchmean")
 
 
 def forward(model, batch, present=None, rec_weight=0.0):
@@ -221,6 +231,8 @@ def forward(model, batch, present=None, rec_weight=0.0):
 class Method:
     name = None
     reduces_gradients = False  # True: the method combines the ranks' gradients itself (ctx.reduce_mean)
+    keep = None  # the modalities a method trains on and is validated on, when fixed (the oracle); None: all
+    model = None  # the ready model the method needs (the late-fusion ensemble's), else None: the user's choice
 
     def check(self, modalities, task="classification"):
         """Refuses, before any work, options that cannot serve these modalities or this task (ValueError)."""

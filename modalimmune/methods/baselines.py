@@ -1,18 +1,37 @@
-"""The baselines (docs/benchmark.md, "Methods"): plain training, modality dropout, OGM-GE."""
+"""The baselines (docs/benchmark.md, "Methods"): plain training (and the per-pattern oracle
+``erm[keep=...]``), modality dropout, modality dropout with distillation from the full-input
+prediction, the jointly trained late-fusion ensemble of unimodal heads, OGM-GE."""
 
 import torch
 
 from .. import checks, distributed
 from ..data.missing import random_present
-from .base import Method, forward, option_label, register_method
+from .base import Method, distillation_loss, forward, option_label, register_method, task_loss
 
 
 @register_method("erm")
 class ERM(Method):
-    """Plain training on complete samples."""
+    """Plain training on complete samples; with ``keep`` ("a+b": modality names joined by ``+``) on
+    those modalities alone, the others always missing: the per-pattern oracle of ``compare --oracle``
+    (the Trainer then validates on that pattern)."""
+
+    def __init__(self, keep=""):
+        label = option_label("erm", "keep")
+        if not isinstance(keep, str):
+            checks.fail(label, "modality names joined by '+'", repr(keep))
+        self.keep = tuple(filter(None, keep.split("+"))) or None
+
+    def check(self, modalities, task="classification"):
+        if self.keep is not None and (not set(self.keep) <= set(modalities) or len(set(self.keep)) < len(self.keep)):
+            checks.fail(option_label("erm", "keep"), f"distinct names among {', '.join(modalities)} joined by '+'",
+                        repr("+".join(self.keep)))
 
     def training_step(self, model, batch, ctx):
-        out = forward(model, batch, rec_weight=ctx.rec_weight)
+        present = None
+        if self.keep is not None:
+            kept = torch.tensor([m in self.keep for m in model.modalities], device=batch.labels.device)
+            present = model.all_present(batch) & kept
+        out = forward(model, batch, present, rec_weight=ctx.rec_weight)
         ctx.backward(out.loss)
         return {"loss": out.loss.detach()}
 
@@ -32,6 +51,50 @@ class ModDrop(Method):
         out = forward(model, batch, present, rec_weight=ctx.rec_weight)
         ctx.backward(out.loss)
         return {"loss": out.loss.detach(), "kept_fraction": present.float().mean()}
+
+
+@register_method("moddrop_kd")
+class ModDropDistill(ModDrop):
+    """ModDrop with a distillation term: the loss of the full input, the loss of the input with random
+    modalities removed (as ``moddrop``), and ``weight`` times KL(sg p(y|x) || p(y|x with them removed)),
+    which pulls the prediction without a modality towards the model's own full-input one."""
+
+    def __init__(self, p=0.5, weight=1.0):
+        super().__init__(p)
+        self.weight = checks.number(option_label("moddrop_kd", "weight"), weight, 0.0)
+
+    def training_step(self, model, batch, ctx):
+        present = random_present(len(batch), len(model.modalities), self.p, self.generator, batch.labels.device,
+                                 within=batch.present)
+        full = forward(model, batch, rec_weight=ctx.rec_weight)
+        dropped = model.head(model.fuse(full.embeddings, present, batch.masks))
+        distill = distillation_loss(full.logits, dropped)
+        loss = full.loss + task_loss(dropped, batch.labels) + self.weight * distill
+        ctx.backward(loss)
+        return {"loss": loss.detach(), "distill": distill.detach()}
+
+
+@register_method("ensemble")
+class Ensemble(Method):
+    """The late-fusion ensemble of unimodal heads trained jointly: on the ``ensemble`` ready model
+    (one encoder and head per modality, the prediction the mean over the present ones), each step the
+    mean over modalities of each modality's own loss. On another model: each single-modality
+    pattern's loss, the same way."""
+
+    model = "ensemble"
+
+    def training_step(self, model, batch, ctx):
+        embeddings, present = model.encode(batch), model.all_present(batch)
+        loss = 0.0
+        for m in range(len(model.modalities)):
+            alone = torch.zeros_like(present)
+            alone[:, m] = True
+            per_sample = task_loss(model.head(model.fuse(embeddings, alone, batch.masks)), batch.labels, "none")
+            has = present[:, m].to(per_sample.dtype)  # natural missingness: only the samples that have m count
+            loss = loss + (per_sample * has).sum() / has.sum().clamp_min(1)
+        loss = loss / len(model.modalities)
+        ctx.backward(loss)
+        return {"loss": loss.detach()}
 
 
 def ogm_coefficients(scores, alpha):

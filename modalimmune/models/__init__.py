@@ -2,10 +2,11 @@
 
 from ..checks import integer
 from .base import ModalImmuneModel, pool
+from .ensemble import UnimodalEnsemble
 from .late_fusion import LateFusionMLP
 from .transformer import FusionTransformer
 
-MODELS = {"mlp": LateFusionMLP, "transformer": FusionTransformer}
+MODELS = {"mlp": LateFusionMLP, "transformer": FusionTransformer, "ensemble": UnimodalEnsemble}
 
 
 def build_model(name, spec, num_outputs, **options):
@@ -24,4 +25,5 @@ def model_name(model):
     return next((name for name, cls in MODELS.items() if type(model) is cls), None)
 
 
-__all__ = ["ModalImmuneModel", "LateFusionMLP", "FusionTransformer", "MODELS", "build_model", "model_name", "pool"]
+__all__ = ["ModalImmuneModel", "LateFusionMLP", "FusionTransformer", "UnimodalEnsemble", "MODELS", "build_model",
+           "model_name", "pool"]

@@ -7,7 +7,7 @@ from torch import nn
 from .base import ModalImmuneModel, pool
 
 
-class _Encoder(nn.Module):
+class ModalityEncoder(nn.Module):
     """MLP on a vector, or on each step of a sequence followed by mean and max pooling."""
 
     def __init__(self, dim, hidden, embed, dropout, sequence):
@@ -29,7 +29,7 @@ class LateFusionMLP(ModalImmuneModel):
         super().__init__(spec)
         self.config = dict(embed_dim=embed_dim, hidden=hidden, fused_dim=fused_dim, dropout=dropout, decode=decode)
         self.encoders = nn.ModuleDict({
-            name: _Encoder(s.dim, hidden, embed_dim, dropout, s.is_sequence) for name, s in spec.items()})
+            name: ModalityEncoder(s.dim, hidden, embed_dim, dropout, s.is_sequence) for name, s in spec.items()})
         self.missing = nn.ParameterDict({name: nn.Parameter(torch.zeros(embed_dim)) for name in spec})
         self.fusion = nn.Sequential(nn.Linear(len(spec) * embed_dim, fused_dim), nn.GELU(), nn.Dropout(dropout))
         self.build_heads(fused_dim, num_classes, embed_dim, decode)

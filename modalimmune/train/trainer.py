@@ -1,5 +1,5 @@
 """Trainer: AdamW with warm-up and cosine decay, gradient accumulation, bf16
-autocast where supported, early stopping on validation accuracy, JSONL
+autocast where supported, model selection and early stopping on a robust validation score, JSONL
 metrics, atomic checksummed checkpoints and exact resume (docs/benchmark.md,
 "Training"), data-parallel training under torchrun and skipping of
 non-finite steps (docs/distributed.md)."""
@@ -23,11 +23,11 @@ import torch
 from tqdm import tqdm
 
 from .. import distributed
-from ..data.missing import random_present
+from ..data.missing import missing_patterns
 from ..data.user import as_data
 from ..methods import MethodRunner, build_method
 from . import checkpoint
-from .config import VAL_DROP, TrainConfig
+from .config import VAL_PATTERNS, TrainConfig
 
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
@@ -277,26 +277,34 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self):
-        """Validation loss and accuracy (regression: the mean absolute error) with every modality;
-        with ``config.select="robust"`` also the figure with random missing modalities (the same
-        patterns every epoch) and ``val_score``, the figure that selects the model (higher is better:
-        an error enters negated; docs/method_training.md, "Model selection")."""
+        """Validation loss and figure (accuracy; regression: the mean absolute error) with every
+        modality, the figure's mean over the missing patterns (``config.select="robust"``) and
+        ``val_score``, the figure that selects the model (higher is better: an error enters negated;
+        docs/method_training.md, "Model selection"). A method trained on a fixed pattern (``method.keep``,
+        the oracle ``erm[keep=...]``) is validated on that pattern alone."""
         self.model.eval()
-        model, robust = self.model, self.config.select == "robust"
+        model, names = self.model, self.dataset.modalities
         regression = self.dataset.task == "regression"
         figure = "mae" if regression else "accuracy"
-        patterns = torch.Generator().manual_seed(self.config.split_seed + 65537) if robust else None
-        hits, missing_hits, loss = 0, 0, 0.0  # correct predictions, or summed absolute errors
+        keep = self.method.keep
+        kept = None if keep is None else torch.tensor([name in keep for name in names], device=self.device)
+        patterns = (missing_patterns(len(names), VAL_PATTERNS) if self.config.select == "robust" and kept is None
+                    else [])
+        pattern_masks = torch.zeros(len(patterns), len(names), dtype=torch.bool, device=self.device)
+        for i, pattern in enumerate(patterns):
+            pattern_masks[i, list(pattern)] = True
+        hits, pattern_hits, loss = 0, torch.zeros(len(patterns)), 0.0  # correct predictions, or summed errors
         for batch in self.dataset.batches("val", 512):
             batch = batch.to(self.device)
             with self.autocast():
                 embeddings = model.encode(batch)  # once: the missing patterns reuse them
-                logits = model.head(model.fuse(embeddings, model.all_present(batch), batch.masks)).float()
-                if robust:
-                    present = random_present(len(batch), len(self.dataset.modalities), VAL_DROP, patterns,
-                                             within=None if batch.present is None else batch.present.cpu())
-                    missing = model.head(model.fuse(embeddings, present.to(self.device), batch.masks)).float()
-                    missing_hits += _hits(missing, batch.labels).item()
+                present = model.all_present(batch)
+                if kept is not None:
+                    present = present & kept
+                logits = model.head(model.fuse(embeddings, present, batch.masks)).float()
+                for i, mask in enumerate(pattern_masks):
+                    pattern_hits[i] += _hits(model.head(model.fuse(embeddings, present & mask, batch.masks)).float(),
+                                             batch.labels).item()
             if regression:
                 loss += torch.nn.functional.mse_loss(logits.squeeze(-1), batch.labels, reduction="sum").item()
             else:
@@ -305,9 +313,11 @@ class Trainer:
         self.model.train()
         n = max(1, self.dataset.split_size("val"))
         val = {"val_loss": loss / n, f"val_{figure}": hits / n}
-        if robust:
-            score = (hits + missing_hits) / (2 * n)
-            val.update({f"val_missing_{figure}": missing_hits / n, "val_score": -score if regression else score})
+        score = hits / n
+        if patterns:
+            val[f"val_missing_{figure}"] = pattern_hits.mean().item() / n
+            score = (score + val[f"val_missing_{figure}"]) / 2
+        val["val_score"] = -score if regression else score
         return val
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -534,12 +544,13 @@ class Trainer:
     def _end_epoch(self):
         config, state = self.config, self.state
         val = self.validate()
-        score = val.get("val_score", val["val_accuracy"] if "val_accuracy" in val else -val["val_mae"])
-        if score > state["best_score"]:  # the best selection figure (config.select; higher is better)
-            state.update(best_score=score, best_epoch=state["epoch"], bad_epochs=0)
+        score = state["epoch"] if config.select == "last" else val["val_score"]
+        # the best selection figure (config.select; higher is better) is kept, a tie keeping the later epoch;
+        # patience counts the epochs without a strictly better one
+        state["bad_epochs"] = 0 if score > state["best_score"] else state["bad_epochs"] + 1
+        if score >= state["best_score"]:
+            state.update(best_score=score, best_epoch=state["epoch"])
             self.best_model = copy.deepcopy(self.model.state_dict())
-        else:
-            state["bad_epochs"] += 1
         self.metrics.write(event="val", step=state["step"], epoch=state["epoch"], **val)
         state["epoch"] += 1
         state["batch"] = 0

@@ -1,5 +1,15 @@
-"""InfoGainController: which modality to collapse, and how hard
+"""InfoGainController: which modalities to remove or collapse, and how hard
 (docs/method_training.md, "Controller").
+
+The default estimator, ``"learnability"``, scores each target set S by how much training
+with S removed still lowers the held-out loss, ``a_S = grad L_S(train) . grad L_S(val)``
+(:mod:`.learnability`), and draws from ``pi_S = (1 - eps) softmax(a_S / (T a_max)) + eps u_S``
+(a_max: the largest |a_S| seen):
+a pattern at its own ceiling (a_S near 0) stops attracting draws, and the uniform share keeps
+every pattern trained. The information gain below then only sets the strengths (when
+``s_min < s_max``). The estimators ``"ig"`` and ``"shapley"`` draw by the information gain
+itself (the first design, kept as ablations: it measures reliance, and starves a pattern that
+is still learnable in favour of one at its ceiling).
 
 The information a modality carries for the current model is the expected KL
 divergence between the predictions with all modalities and with that modality
@@ -33,8 +43,10 @@ import math
 import torch
 
 from ... import checks, distributed
+from .learnability import learnability
 
-ESTIMATORS = ("ig", "shapley", "uniform")
+ESTIMATORS = ("learnability", "ig", "shapley", "uniform")
+SET_ESTIMATORS = ("learnability", "ig")  # those that can score every target set (joint)
 MAX_SHAPLEY_MODALITIES = 5
 MAX_JOINT_SETS = 256  # the joint estimator's measurement is one pass over this many copies of the batch
 
@@ -131,8 +143,9 @@ class InfoGainController:
 
     Args:
         modalities: the modality names, in the model's order.
-        estimator: ``"ig"`` (KL information gain), ``"shapley"`` (exact Shapley
-            value, M <= 5) or ``"uniform"`` (no estimate: uniform target, mid strength).
+        estimator: ``"learnability"`` (held-out loss drop per pattern, :meth:`observe_learnability`),
+            ``"ig"`` (KL information gain), ``"shapley"`` (exact Shapley value, M <= 5) or
+            ``"uniform"`` (no estimate: uniform target, mid strength).
         temperature, epsilon: of the target distribution pi.
         s_min, s_max: the strength range.
         momentum: EMA factor of the estimates (the first observation sets them).
@@ -171,7 +184,7 @@ class InfoGainController:
         self.budget = None if budget is None else checks.number("budget", budget, 0.0)
         if not isinstance(joint, bool):
             raise ValueError(f"joint: expected true or false, got {joint!r}")
-        self.joint = joint and self.estimator == "ig" and self.max_targets > 1
+        self.joint = joint and self.estimator in SET_ESTIMATORS and self.max_targets > 1
         M = len(self.modalities)
         # the sets the estimates are kept for: the single modalities, then (joint) the larger sets
         self.target_sets = [frozenset(c) for size in range(1, (self.max_targets if self.joint else 1) + 1)
@@ -185,6 +198,8 @@ class InfoGainController:
                                          dtype=torch.float64)
         self.estimates = torch.zeros(len(self.target_sets), dtype=torch.float64)
         self.counts = torch.zeros(len(self.target_sets), dtype=torch.int64)
+        self.gains = torch.zeros(M, dtype=torch.float64)  # learnability: the IG_m that set the strengths
+        self.scale = torch.zeros((), dtype=torch.float64)  # learnability: the largest |a_S| its EMAs have had
         self.generator = torch.Generator().manual_seed(seed)
         self._before_step = None  # (estimates, counts) before the current optimizer step
 
@@ -215,30 +230,63 @@ class InfoGainController:
         blended = self.momentum * self.estimates + (1 - self.momentum) * values
         self.estimates = torch.where(first, values, torch.where(chosen, blended, self.estimates))
         self.counts += chosen.long()
+        self.scale = torch.maximum(self.scale, self.estimates.abs().max())
 
     def observe(self, model, embeddings, present, masks=None, natural=False):
         """Measures this batch (no gradients) and updates the EMAs of the sets whose measurement
-        is finite (a non-finite batch changes nothing); returns the batch's values."""
+        is finite (a non-finite batch changes nothing); returns the batch's values. The
+        ``"learnability"`` estimator measures with :meth:`observe_learnability` instead."""
         if self.estimator == "uniform":
             return None
+        if self.estimator == "learnability":
+            raise ValueError("estimator: 'learnability' needs labels and validation data; "
+                             "call observe_learnability")
         values = self.measure(model, embeddings, present, masks, natural)
         self._fold(values, torch.isfinite(values))
+        return values
+
+    def observe_learnability(self, model, params, train, validation, natural=False):
+        """The ``"learnability"`` estimator's measurement: a_S of every target set from ``train`` and
+        ``validation``, ``(Views, labels)`` pairs, the gradients on ``params`` (the head's),
+        folded into the EMAs where finite; with ``s_min < s_max`` also the information gain of each
+        modality on ``train`` (for the strengths). Returns the batch's a_S."""
+        views, labels = train
+        kept = ~self.membership.to(views.present.device)
+        values = distributed.batch_mean(learnability(model, params, train, validation, kept),
+                                        views.present.shape[0], views.present.device)
+        self._fold(values, torch.isfinite(values))
+        if self.s_min < self.s_max:
+            gains = distributed.batch_mean(information_gain(model, views.embeddings, views.present, views.masks,
+                                                            natural=natural, regression=self.regression),
+                                           views.present.shape[0], views.present.device)
+            first = self.gains.abs().sum() == 0
+            blended = self.momentum * self.gains + (1 - self.momentum) * gains
+            self.gains = torch.where(torch.isfinite(gains), gains if first else blended, self.gains)
         return values
 
     def _journal(self):
         """Remembers the estimates as they were before this optimizer step's first update."""
         if self._before_step is None:
-            self._before_step = (self.estimates, self.counts.clone())
+            self._before_step = (self.estimates, self.counts.clone(), self.gains, self.scale)
 
     def settle(self, applied):
         """End of an optimizer step: keeps its updates (``applied``) or undoes them (a skipped step)."""
         if not applied and self._before_step is not None:
-            self.estimates, self.counts = self._before_step
+            self.estimates, self.counts, self.gains, self.scale = self._before_step
         self._before_step = None
 
     def modality_estimates(self):
-        """The per-modality estimate (float64, (M,)): IG_m or the Shapley value."""
+        """The per-modality estimate (float64, (M,)): IG_m, the Shapley value, or a_{m} (learnability)."""
         return self.estimates[:len(self.modalities)]
+
+    def scores(self):
+        """The logits of pi before the uniform share: IG_S / T, or for learnability a_S / (T a_max), a_max
+        the largest |a_S| the EMAs have had so far: scale-free (T is a share of that largest score), and
+        self-limiting: as every pattern nears its floor the scores fall to 0 and the draw to the uniform
+        one, instead of a ratio of vanishing numbers deciding it (all 0 before any measurement)."""
+        if self.estimator != "learnability":
+            return self.estimates / self.temperature
+        return torch.where(self.scale > 0, self.estimates / (self.scale.clamp_min(1e-300) * self.temperature), 0.0)
 
     # -- choices --------------------------------------------------------------------------------
     def probabilities(self):
@@ -249,7 +297,7 @@ class InfoGainController:
             return self.set_probabilities() @ self.membership.double()
         if self.estimator == "uniform":
             return torch.full((M,), 1.0 / M, dtype=torch.float64)
-        return (1 - self.epsilon) * torch.softmax(self.estimates / self.temperature, 0) + self.epsilon / M
+        return (1 - self.epsilon) * torch.softmax(self.scores(), 0) + self.epsilon / M
 
     def set_probabilities(self):
         """pi over ``target_sets`` (``joint``): (1 - eps) softmax(IG_S / T) + eps u_S, where u_S is
@@ -258,14 +306,14 @@ class InfoGainController:
         single = self.membership.sum(1) == 1
         allowed = (single | (self.membership.double() @ self.strengths() <= self.budget)
                    if self.budget is not None else torch.ones_like(single))
-        gains = torch.where(allowed, self.estimates / self.temperature, -math.inf)
+        gains = torch.where(allowed, self.scores(), -math.inf)
         uniform = torch.where(allowed, self.uniform_draw, 0.0)
         return (1 - self.epsilon) * torch.softmax(gains, 0) + self.epsilon * uniform / uniform.sum()
 
     def strengths(self):
         """s_m = s_min + (s_max - s_min) IG_m / max_j IG_j (negative estimates count as 0);
         the mid strength everywhere for the ablation or before any positive estimate."""
-        gains = self.modality_estimates().clamp_min(0)
+        gains = (self.gains if self.estimator == "learnability" else self.modality_estimates()).clamp_min(0)
         mid = torch.full_like(gains, (self.s_min + self.s_max) / 2)
         if self.estimator == "uniform":
             return mid
@@ -306,22 +354,24 @@ class InfoGainController:
     def log(self):
         """Per-modality estimate, strength and probability, for the metrics log (0-dim tensors)."""
         record = {}
+        estimate = "learnability" if self.estimator == "learnability" else "ig"
         for name, ig, s, p in zip(self.modalities, self.modality_estimates().unbind(), self.strengths().unbind(),
                                   self.probabilities().unbind()):
-            record.update({f"ig/{name}": ig, f"strength/{name}": s, f"pi/{name}": p})
+            record.update({f"{estimate}/{name}": ig, f"strength/{name}": s, f"pi/{name}": p})
         return record
 
     # -- checkpoint -----------------------------------------------------------------------------
     def state_dict(self):
-        return {"estimates": self.estimates.clone(), "counts": self.counts.clone(),
-                "generator": self.generator.get_state()}
+        return {"estimates": self.estimates.clone(), "counts": self.counts.clone(), "gains": self.gains.clone(),
+                "scale": self.scale.clone(), "generator": self.generator.get_state()}
 
     def load_state_dict(self, state):
-        for key in ("estimates", "counts"):
-            if tuple(state[key].shape) != tuple(self.estimates.shape):
-                raise ValueError(f"state['{key}']: expected shape {tuple(self.estimates.shape)}, "
-                                 f"got {tuple(state[key].shape)}")
+        for key, like in (("estimates", self.estimates), ("counts", self.estimates), ("gains", self.gains)):
+            if tuple(state[key].shape) != tuple(like.shape):
+                raise ValueError(f"state['{key}']: expected shape {tuple(like.shape)}, got {tuple(state[key].shape)}")
         self.estimates = state["estimates"].to(torch.float64).clone()
         self.counts = state["counts"].to(torch.int64).clone()
+        self.gains = state["gains"].to(torch.float64).clone()
+        self.scale = torch.as_tensor(state["scale"], dtype=torch.float64).clone()
         self.generator.set_state(state["generator"])
         self._before_step = None

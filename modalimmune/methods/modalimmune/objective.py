@@ -4,12 +4,15 @@ For a batch x and its intervened copy x~ (one or more modalities collapsed):
 
     L = L_task(x)                                      clean part, gradient g_c
       + l_imm  L_task(x~)                              immunity
-      + l_con  ||H(x) - H(x~)||^2 / d_h                representation consistency
+      + l_con  KL(sg p(y|x) || p(y|x~))                prediction consistency (default), or
+               ||H(x) - H(x~)||^2 / d_h                representation consistency (``consistency="representation"``)
       - l_rank erank(H(x~)) / min(B, d_h)              anti-collapse guard
       + l_rec  sum_m ||D_m(H(x~)) - sg(Z_m)||^2 / d_m  reconstruction (models that decode)
 
 Everything after the first line is the destructive part, gradient g_d. The
-squared norms are averaged over the batch.
+squared norms are averaged over the batch. The prediction form moves only the damaged prediction
+towards the clean one; the representation form pulls both ways, the clean representation towards
+the damaged one too (docs/method.md, "Consistency").
 """
 
 from dataclasses import dataclass
@@ -18,7 +21,9 @@ import torch
 
 from ...models.base import pool
 from ...ops.effective_rank import effective_rank
-from ..base import task_loss
+from ..base import distillation_loss, task_loss
+
+CONSISTENCIES = ("kl", "representation")
 
 
 def consistency_loss(joint, joint_tilde):
@@ -82,12 +87,15 @@ def forward_pair(model, clean, perturbed, *, decode=False):
     return Outputs(joint, model.head(joint), joint_tilde, model.head(joint_tilde), decoded)
 
 
-def objective_terms(outputs, labels, embeddings=None, masks=None, *, erank_k=None, generator=None, erank=None):
+def objective_terms(outputs, labels, embeddings=None, masks=None, *, erank_k=None, generator=None, erank=None,
+                    consistency="kl"):
     """:class:`Terms` of ``outputs``; ``erank`` (the normalised effective rank of H~) is
-    computed unless given; the reconstruction needs ``embeddings`` when the outputs decode."""
+    computed unless given; the reconstruction needs ``embeddings`` when the outputs decode;
+    ``consistency``: one of ``CONSISTENCIES``."""
     if erank is None:
         erank = normalised_effective_rank(outputs.joint_tilde, k=erank_k, generator=generator)
     zero = outputs.logits.new_zeros((), dtype=torch.float32)
     rec = reconstruction_loss(outputs.decoded, embeddings, masks) if outputs.decoded is not None else zero
     return Terms(task_loss(outputs.logits, labels), task_loss(outputs.logits_tilde, labels),
+                 distillation_loss(outputs.logits, outputs.logits_tilde) if consistency == "kl" else
                  consistency_loss(outputs.joint, outputs.joint_tilde), erank.float(), rec)

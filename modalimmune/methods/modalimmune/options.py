@@ -7,6 +7,7 @@ from ... import checks
 from ..base import option_label
 from .controller import ESTIMATORS
 from .interventions import COLLAPSES, INTERVENTIONS
+from .objective import CONSISTENCIES
 
 MASKS = ("hard", "soft", "off")
 HYPERGRADS = ("neumann", "off")
@@ -19,18 +20,19 @@ LOG_LAMBDA_RANGE = (math.log(1e-3), math.log(10.0))  # phi is kept inside these 
 class Options:
     """Every option of the method; the docs' options table says what each does."""
 
-    # ablation switches and the kind of intervention
-    controller: str = "ig"
+    # ablation switches and the kind of intervention (docs/method.md, "Defaults and the evidence")
+    controller: str = "learnability"
     collapse: str = "spectral"
-    mask: str = "hard"
-    hypergrad: str = "neumann"
+    mask: str = "off"
+    hypergrad: str = "off"
     intervention: str = "collapse"
+    consistency: str = "kl"
     # initial weights of the destructive terms (phi = their logs)
     lambda_imm: float = 3.0
     lambda_con: float = 0.1
     lambda_rank: float = 0.01
     # controller
-    temperature: float = 0.05
+    temperature: float = 0.5  # learnability: a share of the largest score; ig: in nats (0.05 was its default)
     epsilon: float = 0.2
     s_min: float = 1.0
     s_max: float = 1.0
@@ -38,7 +40,7 @@ class Options:
     max_targets: int = 5
     budget: float = 0.0  # 0: no cap
     joint_targets: bool = True
-    per_sample: bool = False
+    per_sample: bool = True
     ig_every: int = 4
     ig_samples: int = 16  # 0: the whole micro-batch
     erank_k: int = 16
@@ -63,6 +65,7 @@ class Options:
         label = lambda name: option_label("modalimmune", name)  # noqa: E731
         for name, options in (("controller", ESTIMATORS), ("collapse", COLLAPSES), ("mask", MASKS),
                               ("hypergrad", HYPERGRADS), ("intervention", INTERVENTIONS),
+                              ("consistency", CONSISTENCIES),
                               ("hyper_params", HYPER_PARAMS)):
             checks.choice(label(name), getattr(self, name), options)
         for name in ("lambda_imm", "lambda_con", "lambda_rank", "hyper_lr", "hyper_max_step", "hyper_damping",

@@ -14,9 +14,12 @@ Ablations (options of the method spec, e.g. ``modalimmune[mask=off]``):
 ``mask=hard|soft|off``, ``hypergrad=neumann|off``, ``joint_targets=false`` (targets drawn per modality).
 """
 
+import torch
+
 from ..base import Method, register_method
 from .controller import InfoGainController
 from .interventions import Views, intervene
+from .learnability import head_parameters
 from .masker import CurvatureMasker
 from .objective import forward_pair, normalised_effective_rank, objective_terms
 from .options import Options
@@ -53,6 +56,11 @@ class ModalImmune(Method):
         options, seed = self.options, env.seed
         self.controller = self._controller(model.modalities, seed + 104729, env.task)
         self.params = list(env.params)
+        self.validation_batch = env.validation_batch
+        if options.controller == "learnability" and env.validation_batch is None:
+            raise ValueError("method modalimmune: controller 'learnability' needs validation batches "
+                             "(MethodEnv.validation_batch; the Trainer gives them)")
+        self.head_params = None  # found at the first measurement (learnability)
         self.masker = (None if options.mask == "off" else
                        CurvatureMasker(self.params, seed=seed + 15485863, **options.masker_options()))
         self.tuner = LambdaTuner(model, self.params, options, env.validation_batch, self.generator, env.device)
@@ -76,11 +84,22 @@ class ModalImmune(Method):
             if part is not None:
                 part.settle(applied)
 
-    def observe(self, model, views, natural=False):
-        """The controller's measurement on the first ``ig_samples`` samples of the micro-batch (all
-        for 0; the batches are drawn in random order, so these are a random subset): its stacked
-        pass has (number of target sets + 1) copies of them. ``natural``: the data lacks modalities
-        in some samples (the gains are then averaged over the samples that have them)."""
+    def observe(self, model, views, labels, natural=False):
+        """The controller's measurement. Learnability: on the whole micro-batch and one validation
+        batch (encoded here, without gradients). Information gain: on the first ``ig_samples``
+        samples of the micro-batch (all for 0; the batches are drawn in random order, so these are a
+        random subset): its stacked pass has (number of target sets + 1) copies of them.
+        ``natural``: the data lacks modalities in some samples (the gains are then averaged over the
+        samples that have them)."""
+        if self.options.controller == "learnability":
+            val = self.validation_batch()
+            with torch.no_grad():
+                val_views = Views(model.encode(val), model.all_present(val), val.masks)
+            if self.head_params is None:
+                self.head_params = head_parameters(model, self.params, val_views)
+            self.controller.observe_learnability(model, self.head_params, (views, labels), (val_views, val.labels),
+                                                 natural)
+            return
         rows = slice(self.options.ig_samples or None)
         first = views.apply(lambda t: t[rows])
         self.controller.observe(model, first.embeddings, first.present, first.masks, natural)
@@ -100,14 +119,15 @@ class ModalImmune(Method):
         options = self.options
         clean = Views(model.encode(batch), model.all_present(batch), batch.masks)
         if ctx.step % options.ig_every == 0:
-            self.observe(model, clean, natural=batch.present is not None)
+            self.observe(model, clean, batch.labels, natural=batch.present is not None)
         strengths = self.draw_targets(ctx.batch_rows(len(batch))[0])
         perturbed = self.intervene(clean, strengths, ctx)
         decode = bool(ctx.rec_weight) and getattr(model, "decodes", False)
         outputs = forward_pair(model, clean, perturbed, decode=decode)
         erank = normalised_effective_rank(ctx.gather_rows(outputs.joint_tilde), k=options.erank_k,
                                           generator=self.generator)
-        terms = objective_terms(outputs, batch.labels, clean.embeddings, clean.masks, erank=erank)
+        terms = objective_terms(outputs, batch.labels, clean.embeddings, clean.masks, erank=erank,
+                                consistency=options.consistency)
         destructive = terms.destructive(self.tuner.lambdas(), ctx.rec_weight)
         logs = self.masked_gradient(terms.task, destructive, ctx)
         if (options.hypergrad == "neumann" and ctx.step > 0 and ctx.step % options.hyper_every == 0

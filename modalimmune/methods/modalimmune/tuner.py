@@ -89,7 +89,8 @@ class LambdaTuner:
 
             def loss_of_outputs(o):  # convex in the outputs except erank, where it is linear: GGN stays PSD
                 rebuilt = Outputs(o[2], o[0], o[3], o[1], dict(zip(out.decoded, o[5:])) if decode else None)
-                terms = objective_terms(rebuilt, labels, clean.embeddings, clean.masks, erank=o[4])
+                terms = objective_terms(rebuilt, labels, clean.embeddings, clean.masks, erank=o[4],
+                                        consistency=options.consistency)
                 return terms.task + terms.destructive(self.phi.exp(), rec_weight)
             return outputs, loss_of_outputs
 

@@ -1,0 +1,88 @@
+"""Learnability of missing patterns (docs/method_training.md, "Controller").
+
+For a missing pattern (the modalities of a target set S removed) the learnability is
+
+    a_S = grad L_S(train) . grad L_S(val),
+
+the first-order drop of the held-out loss on S that one gradient step on the training batch
+with S removed would buy (per unit of learning rate). A pattern the model has learned as far as
+its information allows has a held-out gradient that training no longer moves, so a_S falls towards
+0 (or below, when training on S only fits noise); a pattern that is still learnable keeps a large
+a_S. The gradients are those of the head, given the joint representation that the fusion makes of
+the pattern: one stacked fusion pass over every pattern (no gradient, as the information gain's),
+then the head's per-pattern gradients at once (``torch.func.vmap``), in eval mode. The head is the
+last layer every pattern shares, so its gradient alignment is the cheap, standard proxy of the
+whole network's (docs/method.md, "Learnability").
+"""
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from ..base import task_loss
+
+
+class _Head(nn.Module):
+    """``model.head`` as a module call, so that ``functional_call`` can swap its parameters."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, joint):
+        return self.model.head(joint)
+
+
+def head_parameters(model, params, views):
+    """The parameters of ``params`` that ``model.head`` uses, found by differentiating it at the joint
+    representation of ``views`` (in eval mode: no dropout draw, so finding them changes no random stream)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            joint = model.fuse(views.embeddings, views.present, views.masks)
+        with torch.enable_grad():
+            grads = torch.autograd.grad(model.head(joint).float().sum(), params, allow_unused=True)
+    finally:
+        model.train(was_training)
+    return [p for p, g in zip(params, grads) if g is not None]
+
+
+@torch.no_grad()
+def pattern_representations(model, views, kept):
+    """(P, B, d_h): the joint representation of the batch ``views`` under each pattern of ``kept``
+    ((P, M) bool, the modalities each keeps, within what the data has), one stacked fusion pass."""
+    patterns, batch = kept.shape[0], views.present.shape[0]
+    repeat = lambda t: t.detach().repeat(patterns, *([1] * (t.dim() - 1)))  # noqa: E731
+    present = (views.present[None] & kept[:, None]).flatten(0, 1)
+    joint = model.fuse({k: repeat(z) for k, z in views.embeddings.items()}, present,
+                       {k: repeat(m) for k, m in views.masks.items()})
+    return joint.unflatten(0, (patterns, batch))
+
+
+def pattern_gradients(model, params, views, labels, kept):
+    """(P, n) float32: for each pattern of ``kept``, the gradient over ``params`` (the head's) of the
+    task loss of ``views`` with only that pattern's modalities present, flattened."""
+    head = _Head(model)
+    names = {id(p): f"model.{n}" for n, p in model.named_parameters()}
+    keys = [names[id(p)] for p in params]
+
+    def loss(values, joint):
+        return task_loss(functional_call(head, dict(zip(keys, values)), (joint,)), labels)
+
+    joints = pattern_representations(model, views, kept)
+    grads = vmap(grad(loss), in_dims=(None, 0))(tuple(p.detach() for p in params), joints)
+    return torch.cat([g.float().flatten(1) for g in grads], 1)
+
+
+def learnability(model, params, train, validation, kept):
+    """a_S for each pattern of ``kept`` (float64, (P,)): ``train`` and ``validation`` are
+    ``(views, labels)`` pairs; ``params`` the head's (:func:`head_parameters`)."""
+    was_training = model.training
+    model.eval()
+    try:
+        g_train = pattern_gradients(model, params, *train, kept)
+        g_val = pattern_gradients(model, params, *validation, kept)
+    finally:
+        model.train(was_training)
+    return (g_train.double() * g_val.double()).sum(1).cpu()
