@@ -8,7 +8,9 @@ import torch
 from test_data import single_thread, tiny_arrays  # noqa: F401 (autouse fixture)
 
 from modalimmune.data import MultimodalDataset
-from modalimmune.methods import StepContext
+from modalimmune.data.missing import missing_patterns
+from modalimmune.eval.protocol import pattern_score
+from modalimmune.methods import StepContext, build_method
 from modalimmune.methods.modalimmune import Views
 from modalimmune.methods.modalimmune.controller import _variant_predictions, information_gain
 from modalimmune.models import build_model
@@ -27,15 +29,25 @@ def data():
 
 def make(data, method):
     torch.manual_seed(0)
-    model = build_model("mlp", data.spec, data.num_classes, hidden=16, embed_dim=8, fused_dim=16)
+    model = build_model(build_method(method).model or "mlp", data.spec, data.num_classes, hidden=16, embed_dim=8,
+                        fused_dim=16)
     return Trainer(model, data, method=method, epochs=1, batch_size=16, progress=False, patience=0)
 
 
-@pytest.mark.parametrize("method", ["erm", "moddrop", "ogm_ge", "modalimmune[hyper_every=2]",
+@pytest.mark.parametrize("method", ["erm", "moddrop", "ogm_ge", "moddrop_kd", "ensemble", "erm[keep=a+b]",
+                                    "modalimmune", "modalimmune[hypergrad=neumann,hyper_every=2,mask=hard]",
                                     "modalimmune[per_sample=true,controller=uniform]"])
 def test_every_method_trains(data, method):
     trainer = make(data, method)
     assert trainer.fit()["finished"] and all(torch.isfinite(p).all() for p in trainer.params)
+
+
+def test_robust_validation_scores_each_pattern_on_the_samples_that_have_it(data):
+    trainer = make(data, "erm")
+    trainer.fit()
+    scores = [pattern_score(trainer.model, data, p, "val") for p in missing_patterns(3)]
+    val = trainer.validate()
+    assert val["val_missing_accuracy"] == pytest.approx(np.mean([s for s in scores if s is not None]))
 
 
 def first_batch(trainer):

@@ -9,6 +9,7 @@ import torch
 from test_data import single_thread, tiny_dataset  # noqa: F401 (autouse fixture)
 
 from modalimmune.data.missing import missing_patterns
+from modalimmune.eval.protocol import pattern_score
 from modalimmune.methods import build_method, parse_method, split_methods
 from modalimmune.methods.baselines import ogm_coefficients
 from modalimmune.models import build_model
@@ -81,6 +82,8 @@ def test_robust_selection_keeps_the_best_clean_and_missing_mean(data, tmp_path):
     # the law: no later epoch scores better than the kept one, and a tie keeps the later epoch
     assert scores[kept] == max(scores) and all(s < scores[kept] for s in scores[kept + 1:])
     assert trainer.validate() == trainer.validate()
+    per_pattern = [pattern_score(trainer.model, data, p, "val") for p in missing_patterns(len(data.modalities))]
+    assert trainer.validate()["val_missing_accuracy"] == pytest.approx(sum(per_pattern) / len(per_pattern))
     seen = []  # the missing patterns: every non-empty proper subset of the modalities, after the clean pass
     fuse = trainer.model.fuse
     trainer.model.fuse = lambda embeddings, present, masks=None: (seen.append(present)

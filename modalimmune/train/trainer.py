@@ -293,7 +293,8 @@ class Trainer:
         pattern_masks = torch.zeros(len(patterns), len(names), dtype=torch.bool, device=self.device)
         for i, pattern in enumerate(patterns):
             pattern_masks[i, list(pattern)] = True
-        hits, pattern_hits, loss = 0, torch.zeros(len(patterns)), 0.0  # correct predictions, or summed errors
+        hits, loss = 0, 0.0  # correct predictions (or summed errors) with every modality, the loss
+        pattern_hits, pattern_rows = (torch.zeros(len(patterns), dtype=torch.float64) for _ in range(2))
         for batch in self.dataset.batches("val", 512):
             batch = batch.to(self.device)
             with self.autocast():
@@ -303,8 +304,10 @@ class Trainer:
                     present = present & kept
                 logits = model.head(model.fuse(embeddings, present, batch.masks)).float()
                 for i, mask in enumerate(pattern_masks):
-                    pattern_hits[i] += _hits(model.head(model.fuse(embeddings, present & mask, batch.masks)).float(),
-                                             batch.labels).item()
+                    rows = (present | ~mask).all(1)  # natural missingness: the samples that have the whole pattern
+                    outputs = model.head(model.fuse(embeddings, present & mask, batch.masks)).float()
+                    pattern_hits[i] += _hits(outputs[rows], batch.labels[rows]).item()
+                    pattern_rows[i] += rows.sum().item()
             if regression:
                 loss += torch.nn.functional.mse_loss(logits.squeeze(-1), batch.labels, reduction="sum").item()
             else:
@@ -314,8 +317,9 @@ class Trainer:
         n = max(1, self.dataset.split_size("val"))
         val = {"val_loss": loss / n, f"val_{figure}": hits / n}
         score = hits / n
-        if patterns:
-            val[f"val_missing_{figure}"] = pattern_hits.mean().item() / n
+        scored = pattern_rows > 0  # a pattern no validation sample has is left out
+        if scored.any():
+            val[f"val_missing_{figure}"] = (pattern_hits[scored] / pattern_rows[scored]).mean().item()
             score = (score + val[f"val_missing_{figure}"]) / 2
         val["val_score"] = -score if regression else score
         return val
