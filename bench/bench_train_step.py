@@ -26,7 +26,7 @@ from modalimmune.models import build_model  # noqa: E402
 from modalimmune.train import Trainer  # noqa: E402
 
 VARIANTS = [("erm", "erm"), ("moddrop", "moddrop"), ("modalimmune (defaults)", "modalimmune"),
-            ("  ig_every=8", "modalimmune[ig_every=8]"),
+            ("  ig_samples=0 (the whole batch)", "modalimmune[ig_samples=0]"),
             ("  with mask=hard", "modalimmune[mask=hard]"),
             ("  design floor: controller=uniform", "modalimmune[controller=uniform]")]
 

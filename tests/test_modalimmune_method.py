@@ -179,6 +179,19 @@ def test_controller_measures_the_first_ig_samples(data, samples, rows):
     assert seen == [(rows, {name: rows for name in data.modalities})]
 
 
+@pytest.mark.parametrize("samples, rows", [(0, 16), (5, 5)])
+def test_learnability_measures_the_first_ig_samples_of_the_batch_and_of_a_validation_batch(data, samples, rows):
+    trainer = make(data, f"modalimmune[ig_samples={samples}]")
+    controller, seen = trainer.method.controller, []
+    observe = controller.observe_learnability
+    controller.observe_learnability = lambda model, params, train, validation, natural=False: (
+        seen.append((len(train[1]), train[0].present.shape[0], len(validation[1]), validation[0].present.shape[0]))
+        or observe(model, params, train, validation, natural))
+    one_step(trainer)
+    val_rows = min(rows, data.split_size("val"))  # a validation batch is at most the split
+    assert seen == [(rows, rows, val_rows, val_rows)]
+
+
 def test_resume_restores_the_whole_method_state(data, tmp_path):
     spec = "modalimmune[mask=hard,hypergrad=neumann,hyper_every=3,probe_every=2]"
     whole = make(data, spec, tmp_path / "whole", checkpoint_every=3)

@@ -41,7 +41,7 @@ class Options:
     budget: float = 0.0  # 0: no cap
     joint_targets: bool = True
     per_sample: bool = True
-    ig_every: int = 4
+    ig_every: int = 8
     ig_samples: int = 16  # 0: the whole micro-batch
     erank_k: int = 16
     # masker

@@ -85,23 +85,24 @@ class ModalImmune(Method):
                 part.settle(applied)
 
     def observe(self, model, views, labels, natural=False):
-        """The controller's measurement. Learnability: on the whole micro-batch and one validation
-        batch (encoded here, without gradients). Information gain: on the first ``ig_samples``
-        samples of the micro-batch (all for 0; the batches are drawn in random order, so these are a
-        random subset): its stacked pass has (number of target sets + 1) copies of them.
+        """The controller's measurement, on the first ``ig_samples`` samples of the micro-batch (all
+        for 0; the batches are drawn in random order, so these are a random subset). Learnability:
+        and on as many of one validation batch (encoded here, without gradients); its stacked fusion
+        pass has (number of target sets) copies of each. Information gain: its stacked pass has
+        (number of target sets + 1) copies of them.
         ``natural``: the data lacks modalities in some samples (the gains are then averaged over the
         samples that have them)."""
-        if self.options.controller == "learnability":
-            val = self.validation_batch()
-            with torch.no_grad():
-                val_views = Views(model.encode(val), model.all_present(val), val.masks)
-            if self.head_params is None:
-                self.head_params = head_parameters(model, self.params, val_views)
-            self.controller.observe_learnability(model, self.head_params, (views, labels), (val_views, val.labels),
-                                                 natural)
-            return
         rows = slice(self.options.ig_samples or None)
         first = views.apply(lambda t: t[rows])
+        if self.options.controller == "learnability":
+            val = self.validation_batch()  # a random subset of the validation split, as the batches are drawn
+            with torch.no_grad():
+                val_views = Views(model.encode(val), model.all_present(val), val.masks).apply(lambda t: t[rows])
+            if self.head_params is None:
+                self.head_params = head_parameters(model, self.params, val_views)
+            self.controller.observe_learnability(model, self.head_params, (first, labels[rows]),
+                                                 (val_views, val.labels[rows]), natural)
+            return
         self.controller.observe(model, first.embeddings, first.present, first.masks, natural)
 
     def draw_targets(self, batch_size):
