@@ -28,6 +28,7 @@ from modalimmune.train import Trainer  # noqa: E402
 VARIANTS = [("erm", "erm"), ("moddrop", "moddrop"), ("modalimmune (defaults)", "modalimmune"),
             ("  ig_samples=0 (the whole batch)", "modalimmune[ig_samples=0]"),
             ("  with mask=hard", "modalimmune[mask=hard]"),
+            ("  lambda_rank=0 (no effective rank)", "modalimmune[lambda_rank=0]"),
             ("  design floor: controller=uniform", "modalimmune[controller=uniform]")]
 
 

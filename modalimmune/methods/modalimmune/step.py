@@ -125,8 +125,10 @@ class ModalImmune(Method):
         perturbed = self.intervene(clean, strengths, ctx)
         decode = bool(ctx.rec_weight) and getattr(model, "decodes", False)
         outputs = forward_pair(model, clean, perturbed, decode=decode)
-        erank = normalised_effective_rank(ctx.gather_rows(outputs.joint_tilde), k=options.erank_k,
-                                          generator=self.generator)
+        # the guard's weight is 0 and fixed: its SVD would be computed only to be multiplied by 0
+        erank = (normalised_effective_rank(ctx.gather_rows(outputs.joint_tilde), k=options.erank_k,
+                                           generator=self.generator)
+                 if options.lambda_rank > 0 or options.hypergrad != "off" else outputs.logits.new_zeros(()))
         terms = objective_terms(outputs, batch.labels, clean.embeddings, clean.masks, erank=erank,
                                 consistency=options.consistency)
         destructive = terms.destructive(self.tuner.lambdas(), ctx.rec_weight)
