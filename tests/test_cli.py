@@ -43,6 +43,16 @@ def test_train_then_eval(npz, tmp_path, capsys):
     assert set(result["subset_accuracy"]) == {"a", "b", "seq", "a+b", "a+seq", "b+seq", "a+b+seq"}
 
 
+def test_train_builds_the_model_a_method_needs_and_eval_rebuilds_it(npz, tmp_path, capsys):
+    out = tmp_path / "ensemble"
+    code, _ = run(capsys, "train", "--dataset", npz, "--method", "ensemble", "--epochs", "1", "--out", str(out),
+                  "--no-progress", "--select", "last")
+    assert code == 0 and checkpoint.load(out / "model.pt", ("model_name",))["model_name"] == "ensemble"
+    code, text = run(capsys, "eval", "--checkpoint", str(out / "model.pt"), "--dataset", npz,
+                     "--out", str(tmp_path / "eval"))
+    assert code == 0 and 0 <= json.loads(text)["worst_missing_accuracy"] <= 1
+
+
 def test_compare_writes_the_report(npz, tmp_path, capsys):
     out = tmp_path / "cmp"
     code, _ = run(capsys, "compare", "--dataset", npz, "--methods", "erm,moddrop,ogm_ge", "--seeds", "2",
