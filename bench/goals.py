@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from modalimmune.methods import split_methods
+
 BASELINE = "moddrop"
 NOISE_SE = 2
 
@@ -52,7 +54,7 @@ def main():
     report = json.loads((args.folder / "report.json").read_text())
     metric, seeds = report["metric"], report["seeds"]
     scale, sign = (100, 1) if metric == "accuracy" else (1, -1)
-    methods = args.methods.split(",") if args.methods else [m for m in report["methods"] if m != BASELINE]
+    methods = split_methods(args.methods) if args.methods else [m for m in report["methods"] if m != BASELINE]
     base = runs(args.folder, BASELINE, seeds)
     oracle = report.get("oracle") or {}
     print(f"{report['dataset']}: {len(seeds)} seeds, paired against {BASELINE} ({'points' if scale == 100 else metric}"
