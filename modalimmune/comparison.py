@@ -109,6 +109,15 @@ def _oracle(dataset, seeds, out_dir, config, save_models, log):
     return scores
 
 
+def _read_run(run_dir, what):
+    """A run's eval.json; a missing one fails naming ``out`` and the file."""
+    path = os.path.join(run_dir, "eval.json")
+    if not os.path.isfile(path):
+        checks.fail("out", f"the evaluation of every {what} the report lists", f"no {path}", FileNotFoundError)
+    with open(path) as file:
+        return json.load(file)
+
+
 def rebuild_report(out_dir, log=print):
     """Writes ``out_dir``'s report.json, report.md and plots again from its runs (``runs/METHOD/seedS/eval.json``,
     the methods and seeds its report.json lists), with this version's report; returns the report."""
@@ -122,23 +131,15 @@ def rebuild_report(out_dir, log=print):
     for method in previous["methods"]:
         runs[method] = []
         for seed in previous["seeds"]:
-            run = os.path.join(out_dir, "runs", method, f"seed{seed}", "eval.json")
-            if not os.path.isfile(run):
-                checks.fail("out", "the evaluation of every run the report lists", f"no {run}", FileNotFoundError)
-            with open(run) as file:
-                runs[method].append(json.load(file))
+            runs[method].append(_read_run(os.path.join(out_dir, "runs", method, f"seed{seed}"), "run"))
     oracles = None
     if previous.get("oracle"):
         oracles = {}
         for pattern in previous["oracle"]["patterns"]:
             oracles[pattern] = []
             for seed in previous["seeds"]:
-                run = os.path.join(out_dir, "oracle", pattern, f"seed{seed}", "eval.json")
-                if not os.path.isfile(run):
-                    checks.fail("out", "the evaluation of every oracle run the report lists", f"no {run}",
-                                FileNotFoundError)
-                with open(run) as file:
-                    oracles[pattern].append(json.load(file)["score"])
+                oracles[pattern].append(_read_run(os.path.join(out_dir, "oracle", pattern, f"seed{seed}"),
+                                                  "oracle run")["score"])
     report = build_report(previous["dataset"], previous["modalities"], previous["seeds"], runs, oracles)
     paths = write_report(out_dir, report, runs)
     log("wrote " + ", ".join(paths.values()))
