@@ -251,8 +251,8 @@ def test_joint_draws_follow_the_sets_pi(budget):
     assert budget is None or not allowed.all()  # the budget excludes some sets
     # by hand: the uniform controller's draw is a size in 1..3, then a set of that size
     uniform = torch.tensor([1 / (3 * math.comb(4, int(k))) for k in sizes], dtype=torch.float64) * allowed
-    softmax = torch.softmax(torch.where(allowed, gains / 0.5, -math.inf), 0)
-    expected = 0.7 * softmax + 0.3 * uniform / uniform.sum()
+    tilted = uniform * torch.exp(gains / 0.5)  # the uniform draw tilted by the scores
+    expected = 0.7 * tilted / tilted.sum() + 0.3 * uniform / uniform.sum()
     torch.testing.assert_close(controller.set_probabilities(), expected)
     torch.testing.assert_close(controller.probabilities(), expected @ controller.membership.double())
     draws = 30000

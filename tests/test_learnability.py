@@ -78,20 +78,35 @@ def test_a_pattern_at_its_floor_scores_zero_and_loses_its_draws():
     assert pi[floor] == pi.min() and pi[floor] >= 0.2 * controller.uniform_draw[floor] - 1e-12
 
 
-def test_scores_are_scale_free_start_uniform_and_fall_back_to_uniform_at_the_floor():
-    controllers = [setup()[3] for _ in range(3)]
+def test_equal_scores_draw_as_the_uniform_controller():
+    """pi_S is proportional to u_S exp(score_S): whatever the common score, the draw is u (the sizes of
+    the removed sets uniform), not a uniform draw over the sets, which would favour the many mid-sized ones."""
+    for estimator in ("learnability", "ig"):
+        controller = InfoGainController(DIMS, estimator=estimator, max_targets=2, joint=True, temperature=0.5,
+                                        epsilon=0.2)
+        uniform = controller.uniform_draw / controller.uniform_draw.sum()
+        torch.testing.assert_close(controller.set_probabilities(), uniform)
+        controller.update(torch.full((6,), 0.7))
+        torch.testing.assert_close(controller.set_probabilities(), uniform)
+
+
+@pytest.mark.parametrize("scale", ["current", "max"])
+def test_scores_are_scale_free_and_max_falls_back_to_uniform_at_the_floor(scale):
+    controllers = [InfoGainController(DIMS, estimator="learnability", max_targets=2, joint=True, temperature=0.5,
+                                      epsilon=0.2, scale=scale) for _ in range(3)]
     uniform = controllers[0].uniform_draw / controllers[0].uniform_draw.sum()
-    at_rest = 0.8 * torch.softmax(torch.zeros(6, dtype=torch.float64), 0) + 0.2 * uniform
-    torch.testing.assert_close(controllers[0].set_probabilities(), at_rest)
     scores = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
     controllers[0].update(scores)
     controllers[1].update(scores * 1e6)  # the same scores at another scale: the same draw
     torch.testing.assert_close(controllers[0].set_probabilities(), controllers[1].set_probabilities())
     tilted = controllers[0].set_probabilities()
-    assert tilted[-1] > at_rest[-1] and tilted[0] < at_rest[0]
-    for _ in range(200):  # every pattern reaches its floor: the draw goes back to the uniform one
+    assert tilted[-1] > uniform[-1] and tilted[0] < uniform[0]
+    for _ in range(200):  # every score falls a billionfold
         controllers[0].update(scores * 1e-9)
-    torch.testing.assert_close(controllers[0].set_probabilities(), at_rest, atol=1e-6, rtol=0)
+    if scale == "max":  # the scores are shares of the largest ever: the draw goes back to the uniform one
+        torch.testing.assert_close(controllers[0].set_probabilities(), uniform, atol=1e-6, rtol=0)
+    else:  # shares of the largest now: the same tilt as before
+        torch.testing.assert_close(controllers[0].set_probabilities(), tilted)
     controllers[2].load_state_dict(controllers[0].state_dict())
     torch.testing.assert_close(controllers[2].set_probabilities(), controllers[0].set_probabilities())
 

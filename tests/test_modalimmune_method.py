@@ -296,3 +296,23 @@ def test_a_nonfinite_step_is_skipped_and_leaves_the_method_state_untouched(data,
     assert summary["steps"] == 5 and trainer.state["nonfinite_run"] == 0
     assert not same_state(before, method_state(trainer.method))  # the good steps do move the state
     assert all(torch.isfinite(p).all() for p in trainer.params)
+
+
+def test_single_view_weight_tops_up_what_the_draws_leave_alone(data):
+    """lambda_single (1 - q), q the share of the draws that already leave one modality alone."""
+    method = build_method("modalimmune[lambda_single=2]")
+    strengths = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 0.0, 1.0]],
+                             dtype=torch.float64)  # two of the four rows keep one modality of three
+    weight = method.single_view_weight(strengths)
+    assert weight.device.type == "cpu" and weight.item() == pytest.approx(1.0)
+    both_alone = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)  # with two, every draw does
+    assert method.single_view_weight(both_alone).item() == 0
+
+
+def test_the_single_view_term_is_logged_and_trains_with_three_modalities(data):
+    trainer = make(data, "modalimmune")
+    logs = one_step(trainer)
+    has_term = len(trainer.model.modalities) > 2
+    assert (logs["term/single"].item() > 0) == has_term
+    off = make(data, "modalimmune[lambda_single=0]")
+    assert one_step(off)["term/single"].item() == 0

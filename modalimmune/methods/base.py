@@ -234,6 +234,10 @@ class Method:
     keep = None  # the modalities a method trains on and is validated on, when fixed (the oracle); None: all
     model = None  # the ready model the method needs (the late-fusion ensemble's), else None: the user's choice
 
+    def kept(self, modalities, device):
+        """(M,) bool over ``modalities``: the ones ``keep`` names; None when the method keeps them all."""
+        return None if self.keep is None else torch.tensor([m in self.keep for m in modalities], device=device)
+
     def check(self, modalities, task="classification"):
         """Refuses, before any work, options that cannot serve these modalities or this task (ValueError)."""
 

@@ -27,10 +27,8 @@ class ERM(Method):
                         repr("+".join(self.keep)))
 
     def training_step(self, model, batch, ctx):
-        present = None
-        if self.keep is not None:
-            kept = torch.tensor([m in self.keep for m in model.modalities], device=batch.labels.device)
-            present = model.all_present(batch) & kept
+        kept = self.kept(model.modalities, batch.labels.device)
+        present = None if kept is None else model.all_present(batch) & kept
         out = forward(model, batch, present, rec_weight=ctx.rec_weight)
         ctx.backward(out.loss)
         return {"loss": out.loss.detach()}

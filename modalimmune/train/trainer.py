@@ -286,8 +286,7 @@ class Trainer:
         model, names = self.model, self.dataset.modalities
         regression = self.dataset.task == "regression"
         figure = "mae" if regression else "accuracy"
-        keep = self.method.keep
-        kept = None if keep is None else torch.tensor([name in keep for name in names], device=self.device)
+        kept = self.method.kept(names, self.device)
         patterns = (missing_patterns(len(names), VAL_PATTERNS) if self.config.select == "robust" and kept is None
                     else [])
         pattern_masks = torch.zeros(len(patterns), len(names), dtype=torch.bool, device=self.device)

@@ -43,10 +43,11 @@ import math
 import torch
 
 from ... import checks, distributed
-from .learnability import learnability
+from .learnability import learnability, pattern_representations
 
 ESTIMATORS = ("learnability", "ig", "shapley", "uniform")
 SET_ESTIMATORS = ("learnability", "ig")  # those that can score every target set (joint)
+SCALES = ("current", "max")  # learnability: the scores over the largest |a_S| now, or the largest ever
 MAX_SHAPLEY_MODALITIES = 5
 MAX_JOINT_SETS = 256  # the joint estimator's measurement is one pass over this many copies of the batch
 
@@ -73,20 +74,17 @@ def _variant_predictions(model, embeddings, present, masks, variants, regression
     the collapse at strength 1 and the evaluation do): one fusion-and-head pass over the variants
     stacked along the batch, in eval mode (no dropout noise in the comparison).
     Returns (intact (B, C), variants (V, B, C))."""
-    names = list(model.modalities)
-    batch = present.shape[0]
-    variants = [set(range(len(names)))] + [set(v) for v in variants]
-    kept = torch.tensor([[i in v for i in range(len(names))] for v in variants], device=present.device)
-    stacked_present = (present[None] & kept[:, None]).flatten(0, 1)
-    repeat = lambda t: t.detach().repeat(len(variants), *([1] * (t.dim() - 1)))  # noqa: E731
+    M = len(model.modalities)
+    variants = [set(range(M))] + [set(v) for v in variants]
+    kept = torch.tensor([[i in v for i in range(M)] for v in variants], device=present.device)
     was_training = model.training
     model.eval()
     try:
-        logits = model.head(model.fuse({k: repeat(z) for k, z in embeddings.items()}, stacked_present,
-                                       {k: repeat(m) for k, m in (masks or {}).items()}))
+        joint = pattern_representations(model, embeddings, present, masks or {}, kept)
+        logits = model.head(joint.flatten(0, 1)).float().unflatten(0, joint.shape[:2])
     finally:
         model.train(was_training)
-    log_p = (logits.float() if regression else logits.float().log_softmax(-1)).unflatten(0, (len(variants), batch))
+    log_p = logits if regression else logits.log_softmax(-1)
     return log_p[0], log_p[1:]
 
 
@@ -162,7 +160,8 @@ class InfoGainController:
     """
 
     def __init__(self, modalities, *, estimator="ig", temperature=1.0, epsilon=0.1, s_min=0.2, s_max=0.9,
-                 momentum=0.9, max_targets=1, budget=None, joint=False, regression=False, seed=0):
+                 momentum=0.9, max_targets=1, budget=None, joint=False, regression=False, seed=0, scale="max"):
+        self.scale_mode = checks.choice("scale", scale, SCALES)
         self.modalities = tuple(modalities)
         self.regression = checks.flag("regression", regression)
         if not self.modalities:
@@ -286,7 +285,8 @@ class InfoGainController:
         one, instead of a ratio of vanishing numbers deciding it (all 0 before any measurement)."""
         if self.estimator != "learnability":
             return self.estimates / self.temperature
-        return torch.where(self.scale > 0, self.estimates / (self.scale.clamp_min(1e-300) * self.temperature), 0.0)
+        scale = self.scale if self.scale_mode == "max" else self.estimates.abs().max()
+        return torch.where(scale > 0, self.estimates / (scale.clamp_min(1e-300) * self.temperature), 0.0)
 
     # -- choices --------------------------------------------------------------------------------
     def probabilities(self):
@@ -306,8 +306,8 @@ class InfoGainController:
         single = self.membership.sum(1) == 1
         allowed = (single | (self.membership.double() @ self.strengths() <= self.budget)
                    if self.budget is not None else torch.ones_like(single))
-        gains = torch.where(allowed, self.scores(), -math.inf)
         uniform = torch.where(allowed, self.uniform_draw, 0.0)
+        gains = torch.where(allowed, self.scores() + uniform.log(), -math.inf)
         return (1 - self.epsilon) * torch.softmax(gains, 0) + self.epsilon * uniform / uniform.sum()
 
     def strengths(self):

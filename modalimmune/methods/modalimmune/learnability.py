@@ -48,15 +48,15 @@ def head_parameters(model, params, views):
     return [p for p, g in zip(params, grads) if g is not None]
 
 
-@torch.no_grad()
-def pattern_representations(model, views, kept):
-    """(P, B, d_h): the joint representation of the batch ``views`` under each pattern of ``kept``
-    ((P, M) bool, the modalities each keeps, within what the data has), one stacked fusion pass."""
-    patterns, batch = kept.shape[0], views.present.shape[0]
-    repeat = lambda t: t.detach().repeat(patterns, *([1] * (t.dim() - 1)))  # noqa: E731
-    present = (views.present[None] & kept[:, None]).flatten(0, 1)
-    joint = model.fuse({k: repeat(z) for k, z in views.embeddings.items()}, present,
-                       {k: repeat(m) for k, m in views.masks.items()})
+def pattern_representations(model, embeddings, present, masks, kept):
+    """(P, B, d_h): the joint representation of the batch (``embeddings``, ``present``, ``masks``: a
+    dict, possibly empty) under each pattern of ``kept`` ((P, M) bool, the modalities each keeps,
+    within what the data has), one fusion pass over the patterns stacked along the batch;
+    differentiable (the measurements call it under ``torch.no_grad``)."""
+    patterns, batch = kept.shape[0], present.shape[0]
+    repeat = lambda t: t.repeat(patterns, *([1] * (t.dim() - 1)))  # noqa: E731
+    joint = model.fuse({k: repeat(z) for k, z in embeddings.items()}, (present[None] & kept[:, None]).flatten(0, 1),
+                       {k: repeat(m) for k, m in masks.items()})
     return joint.unflatten(0, (patterns, batch))
 
 
@@ -70,7 +70,8 @@ def pattern_gradients(model, params, views, labels, kept):
     def loss(values, joint):
         return task_loss(functional_call(head, dict(zip(keys, values)), (joint,)), labels)
 
-    joints = pattern_representations(model, views, kept)
+    with torch.no_grad():
+        joints = pattern_representations(model, views.embeddings, views.present, views.masks, kept)
     grads = vmap(grad(loss), in_dims=(None, 0))(tuple(p.detach() for p in params), joints)
     return torch.cat([g.float().flatten(1) for g in grads], 1)
 

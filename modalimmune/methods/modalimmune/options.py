@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from ... import checks
 from ..base import option_label
-from .controller import ESTIMATORS
+from .controller import ESTIMATORS, SCALES
 from .interventions import COLLAPSES, INTERVENTIONS
 from .objective import CONSISTENCIES
 
@@ -31,6 +31,7 @@ class Options:
     lambda_imm: float = 3.0
     lambda_con: float = 0.1
     lambda_rank: float = 0.01
+    lambda_single: float = 3.0  # every single view alone, each step (not tuned by the hypergradient)
     # controller
     temperature: float = 0.5  # learnability: a share of the largest score; ig: in nats (0.05 was its default)
     epsilon: float = 0.2
@@ -41,6 +42,7 @@ class Options:
     budget: float = 0.0  # 0: no cap
     joint_targets: bool = True
     per_sample: bool = True
+    learn_scale: str = "max"
     ig_every: int = 8
     ig_samples: int = 16  # 0: the whole micro-batch
     erank_k: int = 16
@@ -65,11 +67,11 @@ class Options:
         label = lambda name: option_label("modalimmune", name)  # noqa: E731
         for name, options in (("controller", ESTIMATORS), ("collapse", COLLAPSES), ("mask", MASKS),
                               ("hypergrad", HYPERGRADS), ("intervention", INTERVENTIONS),
-                              ("consistency", CONSISTENCIES),
+                              ("consistency", CONSISTENCIES), ("learn_scale", SCALES),
                               ("hyper_params", HYPER_PARAMS)):
             checks.choice(label(name), getattr(self, name), options)
-        for name in ("lambda_imm", "lambda_con", "lambda_rank", "hyper_lr", "hyper_max_step", "hyper_damping",
-                     "hyper_rel_damping", "hyper_tol", "budget", "temperature"):
+        for name in ("lambda_imm", "lambda_con", "lambda_rank", "lambda_single", "hyper_lr", "hyper_max_step",
+                     "hyper_damping", "hyper_rel_damping", "hyper_tol", "budget", "temperature"):
             checks.number(label(name), getattr(self, name), 0.0, low_open=name == "temperature")
         for name in ("epsilon", "s_min", "s_max", "quantile"):
             checks.number(label(name), getattr(self, name), 0.0, 1.0)
@@ -93,7 +95,8 @@ class Options:
         """The keyword arguments of :class:`InfoGainController`."""
         return dict(estimator=self.controller, temperature=self.temperature, epsilon=self.epsilon,
                     s_min=self.s_min, s_max=self.s_max, momentum=self.momentum, max_targets=self.max_targets,
-                    budget=self.budget or None, joint=self.joint_targets)
+                    budget=self.budget or None, joint=self.joint_targets,
+                    scale=self.learn_scale)
 
     def masker_options(self):
         """The keyword arguments of :class:`CurvatureMasker`."""

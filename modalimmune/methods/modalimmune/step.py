@@ -21,7 +21,7 @@ from .controller import InfoGainController
 from .interventions import Views, intervene
 from .learnability import head_parameters
 from .masker import CurvatureMasker
-from .objective import forward_pair, normalised_effective_rank, objective_terms
+from .objective import forward_pair, normalised_effective_rank, objective_terms, single_view_loss
 from .options import Options
 from .tuner import LambdaTuner
 
@@ -132,6 +132,10 @@ class ModalImmune(Method):
         terms = objective_terms(outputs, batch.labels, clean.embeddings, clean.masks, erank=erank,
                                 consistency=options.consistency)
         destructive = terms.destructive(self.tuner.lambdas(), ctx.rec_weight)
+        single = terms.task.new_zeros(())
+        if options.lambda_single > 0 and len(model.modalities) > 2:  # with two, every draw is a single view
+            single = single_view_loss(model, clean, batch.labels)
+            destructive = destructive + self.single_view_weight(strengths) * single
         logs = self.masked_gradient(terms.task, destructive, ctx)
         if (options.hypergrad == "neumann" and ctx.step > 0 and ctx.step % options.hyper_every == 0
                 and ctx.step != self.last_hyper_step):
@@ -139,9 +143,17 @@ class ModalImmune(Method):
             self.tuner.step(model, clean.gathered(), perturbed.gathered(), ctx.gather_rows(batch.labels),
                             ctx.rec_weight)
         logs.update(loss=(terms.task + destructive).detach(), **terms.log(), **self.controller.log(), **self.tuner.log)
+        logs["term/single"] = single.detach()
         logs.update({f"target/{n}": s for n, s in zip(model.modalities, strengths.mean(0).unbind())})
         logs.update(self.tuner.lambda_log())
         return logs
+
+    def single_view_weight(self, strengths):
+        """lambda_single (1 - q), q the share of this step's draws that already leave one modality alone
+        (``strengths``: the (B, M) host draw): the single views get lambda_single in all, the draws' part
+        and the term's (docs/method.md, "Single views"). A host 0-dim tensor: no read of a value."""
+        removed = (strengths >= 1).sum(1)
+        return self.options.lambda_single * (1 - (removed == strengths.shape[1] - 1).double().mean()).float()
 
     def masked_gradient(self, clean, destructive, ctx):
         """g = g_c + M * g_d into ``p.grad`` through :meth:`CurvatureMasker.step` (plain g_c + g_d for
