@@ -3,8 +3,8 @@
 
 The default estimator, ``"learnability"``, scores each target set S by how much training
 with S removed still lowers the held-out loss, ``a_S = grad L_S(train) . grad L_S(val)``
-(:mod:`.learnability`), and draws from ``pi_S = (1 - eps) softmax(a_S / (T a_max)) + eps u_S``
-(a_max: the largest |a_S| seen):
+(:mod:`.learnability`), and draws from ``pi_S = (1 - eps) softmax(a_S / (T a_max) + log u_S) + eps u_S``
+(a_max: the largest |a_S| seen, or now with ``scale="current"``; u: the uniform controller's draw):
 a pattern at its own ceiling (a_S near 0) stops attracting draws, and the uniform share keeps
 every pattern trained. The information gain below then only sets the strengths (when
 ``s_min < s_max``). The estimators ``"ig"`` and ``"shapley"`` draw by the information gain
@@ -32,7 +32,7 @@ and collapsed at ``s_m = s_min + (s_max - s_min) IG_m / max_j IG_j``;
 With ``joint=True`` and several targets a step (``max_targets`` > 1) the IG
 estimator measures every set S of up to ``max_targets`` modalities removed
 together, ``IG_S = E_x KL(p(y|x) || p(y|x without S))``, and draws the set
-itself from ``pi_S = (1 - eps) softmax(IG / T)_S + eps u_S`` (``u``: the
+itself from ``pi_S = (1 - eps) softmax(IG / T + log u)_S + eps u_S`` (``u``: the
 uniform controller's draw), so the missing patterns the model handles worst
 are trained most (docs/method_training.md, "Joint targets").
 """
@@ -282,7 +282,8 @@ class InfoGainController:
         """The logits of pi before the uniform share: IG_S / T, or for learnability a_S / (T a_max), a_max
         the largest |a_S| the EMAs have had so far: scale-free (T is a share of that largest score), and
         self-limiting: as every pattern nears its floor the scores fall to 0 and the draw to the uniform
-        one, instead of a ratio of vanishing numbers deciding it (all 0 before any measurement)."""
+        one, instead of a ratio of vanishing numbers deciding it (all 0 before any measurement).
+        ``scale="current"``: a_max the largest now (scale-free at every measurement, not self-limiting)."""
         if self.estimator != "learnability":
             return self.estimates / self.temperature
         scale = self.scale if self.scale_mode == "max" else self.estimates.abs().max()
@@ -300,9 +301,10 @@ class InfoGainController:
         return (1 - self.epsilon) * torch.softmax(self.scores(), 0) + self.epsilon / M
 
     def set_probabilities(self):
-        """pi over ``target_sets`` (``joint``): (1 - eps) softmax(IG_S / T) + eps u_S, where u_S is
-        the uniform controller's probability of S (a size uniform in 1..max_targets, then a set of
-        that size), both restricted to the sets within ``budget`` (the single modalities always)."""
+        """pi over ``target_sets`` (``joint``): (1 - eps) softmax(IG_S / T + log u_S) + eps u_S, where u_S
+        is the uniform controller's probability of S (a size uniform in 1..max_targets, then a set of
+        that size; equal scores draw u itself), both restricted to the sets within ``budget`` (the single
+        modalities always)."""
         single = self.membership.sum(1) == 1
         allowed = (single | (self.membership.double() @ self.strengths() <= self.budget)
                    if self.budget is not None else torch.ones_like(single))
