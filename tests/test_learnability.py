@@ -40,6 +40,19 @@ def test_pattern_gradients_match_a_float64_loop():
         torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6)
 
 
+def test_pattern_gradients_through_the_fusion_match_a_float64_loop():
+    model, views, labels, controller, _ = setup()
+    kept, params = ~controller.membership, list(model.parameters())  # fusion, missing embeddings, head
+    got = pattern_gradients(model, params, views[0], labels[0], kept, through_fusion=True).double()
+    model64 = model.double()
+    for row, g in zip(kept, got):
+        embeddings = {k: z.double() for k, z in views[0].embeddings.items()}
+        loss = torch.nn.functional.cross_entropy(model64.head(model64.fuse(embeddings, views[0].present & row)),
+                                                 labels[0])
+        want = torch.cat([x.flatten() for x in torch.autograd.grad(loss, params)])
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6)
+
+
 def test_learnability_is_the_dot_of_train_and_val_gradients_and_a_squared_norm_on_one_batch():
     model, views, labels, controller, params = setup()
     kept = ~controller.membership

@@ -184,9 +184,9 @@ def test_learnability_measures_the_first_ig_samples_of_the_batch_and_of_a_valida
     trainer = make(data, f"modalimmune[ig_samples={samples}]")
     controller, seen = trainer.method.controller, []
     observe = controller.observe_learnability
-    controller.observe_learnability = lambda model, params, train, validation, natural=False: (
+    controller.observe_learnability = lambda model, params, train, validation, *args: (
         seen.append((len(train[1]), train[0].present.shape[0], len(validation[1]), validation[0].present.shape[0]))
-        or observe(model, params, train, validation, natural))
+        or observe(model, params, train, validation, *args))
     one_step(trainer)
     val_rows = min(rows, data.split_size("val"))  # a validation batch is at most the split
     assert seen == [(rows, rows, val_rows, val_rows)]

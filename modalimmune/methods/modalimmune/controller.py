@@ -244,14 +244,14 @@ class InfoGainController:
         self._fold(values, torch.isfinite(values))
         return values
 
-    def observe_learnability(self, model, params, train, validation, natural=False):
+    def observe_learnability(self, model, params, train, validation, natural=False, through_fusion=False):
         """The ``"learnability"`` estimator's measurement: a_S of every target set from ``train`` and
         ``validation``, ``(Views, labels)`` pairs, the gradients on ``params`` (the head's),
         folded into the EMAs where finite; with ``s_min < s_max`` also the information gain of each
         modality on ``train`` (for the strengths). Returns the batch's a_S."""
         views, labels = train
         kept = ~self.membership.to(views.present.device)
-        values = distributed.batch_mean(learnability(model, params, train, validation, kept),
+        values = distributed.batch_mean(learnability(model, params, train, validation, kept, through_fusion),
                                         views.present.shape[0], views.present.device)
         self._fold(values, torch.isfinite(values))
         if self.s_min < self.s_max:

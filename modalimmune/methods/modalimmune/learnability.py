@@ -60,30 +60,51 @@ def pattern_representations(model, embeddings, present, masks, kept):
     return joint.unflatten(0, (patterns, batch))
 
 
-def pattern_gradients(model, params, views, labels, kept):
-    """(P, n) float32: for each pattern of ``kept``, the gradient over ``params`` (the head's) of the
-    task loss of ``views`` with only that pattern's modalities present, flattened."""
-    head = _Head(model)
+class _FusionHead(nn.Module):
+    """Fusion and head as one module call, for :func:`pattern_gradients` through the fusion."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, embeddings, present, masks):
+        return self.model.head(self.model.fuse(embeddings, present, masks))
+
+
+def pattern_gradients(model, params, views, labels, kept, through_fusion=False):
+    """(P, n) float32: for each pattern of ``kept``, the gradient over ``params`` of the task loss of
+    ``views`` with only that pattern's modalities present, flattened. ``params``: the head's, from the
+    stacked joint representations; with ``through_fusion``, the fusion's and the head's, the fusion
+    vectorised over the patterns' ``present`` masks (``vmap``)."""
     names = {id(p): f"model.{n}" for n, p in model.named_parameters()}
     keys = [names[id(p)] for p in params]
+    if through_fusion:
+        net, embeddings = _FusionHead(model), {k: z.detach() for k, z in views.embeddings.items()}
+        inputs = views.present[None] & kept[:, None]
 
-    def loss(values, joint):
-        return task_loss(functional_call(head, dict(zip(keys, values)), (joint,)), labels)
+        def loss(values, present):
+            return task_loss(functional_call(net, dict(zip(keys, values)), (embeddings, present, views.masks)),
+                             labels)
+    else:
+        net = _Head(model)
+        with torch.no_grad():
+            inputs = pattern_representations(model, views.embeddings, views.present, views.masks, kept)
 
-    with torch.no_grad():
-        joints = pattern_representations(model, views.embeddings, views.present, views.masks, kept)
-    grads = vmap(grad(loss), in_dims=(None, 0))(tuple(p.detach() for p in params), joints)
+        def loss(values, joint):
+            return task_loss(functional_call(net, dict(zip(keys, values)), (joint,)), labels)
+    grads = vmap(grad(loss), in_dims=(None, 0))(tuple(p.detach() for p in params), inputs)
     return torch.cat([g.float().flatten(1) for g in grads], 1)
 
 
-def learnability(model, params, train, validation, kept):
+def learnability(model, params, train, validation, kept, through_fusion=False):
     """a_S for each pattern of ``kept`` (float64, (P,)): ``train`` and ``validation`` are
-    ``(views, labels)`` pairs; ``params`` the head's (:func:`head_parameters`)."""
+    ``(views, labels)`` pairs; ``params`` the head's (:func:`head_parameters`) or, ``through_fusion``,
+    the fusion's and the head's."""
     was_training = model.training
     model.eval()
     try:
-        g_train = pattern_gradients(model, params, *train, kept)
-        g_val = pattern_gradients(model, params, *validation, kept)
+        g_train = pattern_gradients(model, params, *train, kept, through_fusion)
+        g_val = pattern_gradients(model, params, *validation, kept, through_fusion)
     finally:
         model.train(was_training)
     return (g_train.double() * g_val.double()).sum(1).cpu()

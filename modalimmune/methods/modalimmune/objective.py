@@ -33,17 +33,17 @@ def consistency_loss(joint, joint_tilde):
 
 
 def single_view_loss(model, views, labels):
-    """The single-view term: the mean over the modalities m of the task loss with m alone present,
-    each over the samples that have m. One fusion-and-head pass over the M single-view copies of the
-    batch stacked along it, with gradients into the fusion, the head and each encoder: every sample is
-    seen with each view alone every step, as the ensemble and the oracle see it (docs/method.md,
-    "Single views")."""
+    """The single-view term: the sum over the modalities m of the task loss with m alone present, each
+    over the samples that have m (each view weighs as the clean loss does, as each head of the ensemble
+    does). One fusion-and-head pass over the M single-view copies of the batch stacked along it, with
+    gradients into the fusion, the head and each encoder: every sample is seen with each view alone
+    every step, as the ensemble and the oracle see it (docs/method.md, "Single views")."""
     M = len(model.modalities)
     alone = torch.eye(M, dtype=torch.bool, device=views.present.device)
     joint = pattern_representations(model, views.embeddings, views.present, views.masks, alone)
     losses = task_loss(model.head(joint.flatten(0, 1)), labels.repeat(M), reduction="none").unflatten(0, (M, -1))
     has = views.present.T.to(losses.dtype)  # (M, B): sample b has modality m
-    return ((losses * has).sum(1) / has.sum(1).clamp_min(1)).mean()
+    return ((losses * has).sum(1) / has.sum(1).clamp_min(1)).sum()
 
 
 def normalised_effective_rank(joint, *, k=None, generator=None):

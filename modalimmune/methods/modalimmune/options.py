@@ -31,7 +31,7 @@ class Options:
     lambda_imm: float = 3.0
     lambda_con: float = 0.1
     lambda_rank: float = 0.01
-    lambda_single: float = 3.0  # every single view alone, each step (not tuned by the hypergradient)
+    lambda_single: float = 1.0  # each single view alone, each step (not tuned by the hypergradient)
     # controller
     temperature: float = 0.5  # learnability: a share of the largest score; ig: in nats (0.05 was its default)
     epsilon: float = 0.2
@@ -43,6 +43,7 @@ class Options:
     joint_targets: bool = True
     per_sample: bool = True
     learn_scale: str = "max"
+    learn_on: str = "fusion_head"
     ig_every: int = 8
     ig_samples: int = 16  # 0: the whole micro-batch
     erank_k: int = 16
@@ -68,6 +69,7 @@ class Options:
         for name, options in (("controller", ESTIMATORS), ("collapse", COLLAPSES), ("mask", MASKS),
                               ("hypergrad", HYPERGRADS), ("intervention", INTERVENTIONS),
                               ("consistency", CONSISTENCIES), ("learn_scale", SCALES),
+                              ("learn_on", ("head", "fusion_head")),
                               ("hyper_params", HYPER_PARAMS)):
             checks.choice(label(name), getattr(self, name), options)
         for name in ("lambda_imm", "lambda_con", "lambda_rank", "lambda_single", "hyper_lr", "hyper_max_step",

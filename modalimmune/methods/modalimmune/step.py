@@ -23,7 +23,7 @@ from .learnability import head_parameters
 from .masker import CurvatureMasker
 from .objective import forward_pair, normalised_effective_rank, objective_terms, single_view_loss
 from .options import Options
-from .tuner import LambdaTuner
+from .tuner import LambdaTuner, fusion_head_parameters
 
 
 @register_method("modalimmune")
@@ -98,10 +98,12 @@ class ModalImmune(Method):
             val = self.validation_batch()  # a random subset of the validation split, as the batches are drawn
             with torch.no_grad():
                 val_views = Views(model.encode(val), model.all_present(val), val.masks).apply(lambda t: t[rows])
+            through_fusion = self.options.learn_on == "fusion_head"
             if self.head_params is None:
-                self.head_params = head_parameters(model, self.params, val_views)
+                self.head_params = (fusion_head_parameters(model, self.params) if through_fusion
+                                    else head_parameters(model, self.params, val_views))
             self.controller.observe_learnability(model, self.head_params, (first, labels[rows]),
-                                                 (val_views, val.labels[rows]), natural)
+                                                 (val_views, val.labels[rows]), natural, through_fusion)
             return
         self.controller.observe(model, first.embeddings, first.present, first.masks, natural)
 
