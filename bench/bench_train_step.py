@@ -6,9 +6,10 @@ AdamW) for each variant. ``--frozen``: the encoders frozen (their parameters
 do not train), the setting of pretrained encoders whose embeddings are cached.
 The design floor is the step with the controller's periodic measurement off
 (``controller=uniform``): only what every step of the design requires (the
-second fusion pass with the drawn patterns removed, the consistency KL, the
-effective rank, one backward). Times are block means over ``ig_every`` steps,
-so the periodic measurement is counted as often as training runs it.
+second fusion pass with the drawn patterns removed, the single-view term's M
+stacked fusion passes, the consistency KL, the effective rank, one backward).
+Times are block means over ``ig_every`` steps, so the periodic measurement is
+counted as often as training runs it.
 """
 
 import statistics
@@ -29,6 +30,8 @@ VARIANTS = [("erm", "erm"), ("moddrop", "moddrop"), ("modalimmune (defaults)", "
             ("  ig_samples=0 (the whole batch)", "modalimmune[ig_samples=0]"),
             ("  with mask=hard", "modalimmune[mask=hard]"),
             ("  lambda_rank=0 (no effective rank)", "modalimmune[lambda_rank=0]"),
+            ("  lambda_single=0 (no single-view term)", "modalimmune[lambda_single=0]"),
+            ("  learn_on=head (the head's gradients only)", "modalimmune[learn_on=head]"),
             ("  design floor: controller=uniform", "modalimmune[controller=uniform]")]
 
 

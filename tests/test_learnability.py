@@ -140,3 +140,24 @@ def test_learnability_needs_its_own_observe():
     model, views, _, controller, _ = setup()
     with pytest.raises(ValueError, match="observe_learnability"):
         controller.observe(model, views[0].embeddings, views[0].present)
+
+
+def test_shrinkage_leaves_a_steady_score_and_silences_one_within_its_noise():
+    """learn_shrink: a_S max(0, 1 - se^2 / a^2); a steady score keeps its value, one that flips sign from one
+    measurement to the next is within its noise of 0 and tilts nothing (its set keeps the uniform draw's odds)."""
+    controller = InfoGainController(DIMS, estimator="learnability", max_targets=2, joint=True, temperature=0.5,
+                                    epsilon=0.2, shrink=True)
+    steady = torch.tensor([0.0, 0.5, 0.5, 0.5, 0.5, 0.5], dtype=torch.float64)
+    for k in range(60):
+        controller.update(steady + torch.tensor([(-1.0) ** k] + [0.0] * 5, dtype=torch.float64))
+    resolved = controller.resolved()
+    torch.testing.assert_close(resolved[1:], controller.estimates[1:])
+    assert controller.estimates[0].abs() > 0.01 and resolved[0] == 0
+    plain = InfoGainController(DIMS, estimator="learnability", max_targets=2, joint=True, shrink=False)
+    plain.load_state_dict(controller.state_dict())
+    torch.testing.assert_close(plain.resolved(), controller.estimates)
+    controller.settle(True)
+    before = controller.squares.clone()
+    controller.update(steady * 3)
+    controller.settle(False)  # a skipped step undoes its updates, the squares too
+    torch.testing.assert_close(controller.squares, before)

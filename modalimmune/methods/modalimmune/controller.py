@@ -160,8 +160,10 @@ class InfoGainController:
     """
 
     def __init__(self, modalities, *, estimator="ig", temperature=1.0, epsilon=0.1, s_min=0.2, s_max=0.9,
-                 momentum=0.9, max_targets=1, budget=None, joint=False, regression=False, seed=0, scale="max"):
+                 momentum=0.9, max_targets=1, budget=None, joint=False, regression=False, seed=0, scale="max",
+                 shrink=False):
         self.scale_mode = checks.choice("scale", scale, SCALES)
+        self.shrink = checks.flag("shrink", shrink)
         self.modalities = tuple(modalities)
         self.regression = checks.flag("regression", regression)
         if not self.modalities:
@@ -196,6 +198,7 @@ class InfoGainController:
         self.uniform_draw = torch.tensor([1 / (self.max_targets * math.comb(M, len(s))) for s in self.target_sets],
                                          dtype=torch.float64)
         self.estimates = torch.zeros(len(self.target_sets), dtype=torch.float64)
+        self.squares = torch.zeros(len(self.target_sets), dtype=torch.float64)  # EMA of the squared values
         self.counts = torch.zeros(len(self.target_sets), dtype=torch.int64)
         self.gains = torch.zeros(M, dtype=torch.float64)  # learnability: the IG_m that set the strengths
         self.scale = torch.zeros((), dtype=torch.float64)  # learnability: the largest |a_S| its EMAs have had
@@ -228,6 +231,8 @@ class InfoGainController:
         first = chosen & (self.counts == 0)
         blended = self.momentum * self.estimates + (1 - self.momentum) * values
         self.estimates = torch.where(first, values, torch.where(chosen, blended, self.estimates))
+        squares = self.momentum * self.squares + (1 - self.momentum) * values.square()
+        self.squares = torch.where(first, values.square(), torch.where(chosen, squares, self.squares))
         self.counts += chosen.long()
         self.scale = torch.maximum(self.scale, self.estimates.abs().max())
 
@@ -266,12 +271,12 @@ class InfoGainController:
     def _journal(self):
         """Remembers the estimates as they were before this optimizer step's first update."""
         if self._before_step is None:
-            self._before_step = (self.estimates, self.counts.clone(), self.gains, self.scale)
+            self._before_step = (self.estimates, self.squares, self.counts.clone(), self.gains, self.scale)
 
     def settle(self, applied):
         """End of an optimizer step: keeps its updates (``applied``) or undoes them (a skipped step)."""
         if not applied and self._before_step is not None:
-            self.estimates, self.counts, self.gains, self.scale = self._before_step
+            self.estimates, self.squares, self.counts, self.gains, self.scale = self._before_step
         self._before_step = None
 
     def modality_estimates(self):
@@ -287,7 +292,18 @@ class InfoGainController:
         if self.estimator != "learnability":
             return self.estimates / self.temperature
         scale = self.scale if self.scale_mode == "max" else self.estimates.abs().max()
-        return torch.where(scale > 0, self.estimates / (scale.clamp_min(1e-300) * self.temperature), 0.0)
+        return torch.where(scale > 0, self.resolved() / (scale.clamp_min(1e-300) * self.temperature), 0.0)
+
+    def resolved(self):
+        """The learnability EMAs shrunk by their own noise: a_S max(0, 1 - se_S^2 / a_S^2) (the positive-part
+        James-Stein factor), se_S^2 = (E[a^2] - E[a]^2) (1 - m) / (1 + m), the variance of an EMA of momentum m
+        of independent measurements. A score within its noise of 0 tilts nothing; with ``shrink`` off, the
+        EMAs themselves (docs/method.md, "Learnability")."""
+        if not self.shrink:
+            return self.estimates
+        noise = (self.squares - self.estimates.square()).clamp_min(0) * (1 - self.momentum) / (1 + self.momentum)
+        factor = (1 - noise / self.estimates.square().clamp_min(1e-300)).clamp_min(0)
+        return self.estimates * factor
 
     # -- choices --------------------------------------------------------------------------------
     def probabilities(self):
@@ -364,14 +380,16 @@ class InfoGainController:
 
     # -- checkpoint -----------------------------------------------------------------------------
     def state_dict(self):
-        return {"estimates": self.estimates.clone(), "counts": self.counts.clone(), "gains": self.gains.clone(),
-                "scale": self.scale.clone(), "generator": self.generator.get_state()}
+        return {"estimates": self.estimates.clone(), "squares": self.squares.clone(), "counts": self.counts.clone(),
+                "gains": self.gains.clone(), "scale": self.scale.clone(), "generator": self.generator.get_state()}
 
     def load_state_dict(self, state):
-        for key, like in (("estimates", self.estimates), ("counts", self.estimates), ("gains", self.gains)):
+        for key, like in (("estimates", self.estimates), ("squares", self.estimates), ("counts", self.estimates),
+                          ("gains", self.gains)):
             if tuple(state[key].shape) != tuple(like.shape):
                 raise ValueError(f"state['{key}']: expected shape {tuple(like.shape)}, got {tuple(state[key].shape)}")
         self.estimates = state["estimates"].to(torch.float64).clone()
+        self.squares = state["squares"].to(torch.float64).clone()
         self.counts = state["counts"].to(torch.int64).clone()
         self.gains = state["gains"].to(torch.float64).clone()
         self.scale = torch.as_tensor(state["scale"], dtype=torch.float64).clone()

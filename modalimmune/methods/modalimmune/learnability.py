@@ -8,11 +8,11 @@ the first-order drop of the held-out loss on S that one gradient step on the tra
 with S removed would buy (per unit of learning rate). A pattern the model has learned as far as
 its information allows has a held-out gradient that training no longer moves, so a_S falls towards
 0 (or below, when training on S only fits noise); a pattern that is still learnable keeps a large
-a_S. The gradients are those of the head, given the joint representation that the fusion makes of
-the pattern: one stacked fusion pass over every pattern (no gradient, as the information gain's),
-then the head's per-pattern gradients at once (``torch.func.vmap``), in eval mode. The head is the
-last layer every pattern shares, so its gradient alignment is the cheap, standard proxy of the
-whole network's (docs/method.md, "Learnability").
+a_S. The gradients are those of the head given the joint representation of each pattern (one
+stacked fusion pass without gradient, then the head's per-pattern gradients at once,
+``torch.func.vmap``), or with ``through_fusion`` those of the fusion and the head, the fusion
+vectorised over the patterns' ``present`` masks (the encoders' embeddings fixed); in eval mode
+(docs/method.md, "Learnability").
 """
 
 import torch

@@ -43,7 +43,8 @@ class Options:
     joint_targets: bool = True
     per_sample: bool = True
     learn_scale: str = "max"
-    learn_on: str = "fusion_head"
+    learn_on: str = "head"
+    learn_shrink: bool = False
     ig_every: int = 8
     ig_samples: int = 16  # 0: the whole micro-batch
     erank_k: int = 16
@@ -85,7 +86,7 @@ class Options:
             checks.integer(label(name), getattr(self, name), 1)
         for name in ("ig_samples", "probe_every"):
             checks.integer(label(name), getattr(self, name), 0)
-        for name in ("joint_targets", "per_sample"):
+        for name in ("joint_targets", "per_sample", "learn_shrink"):
             checks.flag(label(name), getattr(self, name))
 
     def initial_phi(self):
@@ -98,7 +99,7 @@ class Options:
         return dict(estimator=self.controller, temperature=self.temperature, epsilon=self.epsilon,
                     s_min=self.s_min, s_max=self.s_max, momentum=self.momentum, max_targets=self.max_targets,
                     budget=self.budget or None, joint=self.joint_targets,
-                    scale=self.learn_scale)
+                    scale=self.learn_scale, shrink=self.learn_shrink)
 
     def masker_options(self):
         """The keyword arguments of :class:`CurvatureMasker`."""
