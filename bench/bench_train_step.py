@@ -31,7 +31,7 @@ VARIANTS = [("erm", "erm"), ("moddrop", "moddrop"), ("modalimmune (defaults)", "
             ("  with mask=hard", "modalimmune[mask=hard]"),
             ("  lambda_rank=0 (no effective rank)", "modalimmune[lambda_rank=0]"),
             ("  lambda_single=0 (no single-view term)", "modalimmune[lambda_single=0]"),
-            ("  learn_on=head (the head's gradients only)", "modalimmune[learn_on=head]"),
+            ("  learn_on=fusion_head (the fusion's gradients too)", "modalimmune[learn_on=fusion_head]"),
             ("  design floor: controller=uniform", "modalimmune[controller=uniform]")]
 
 
