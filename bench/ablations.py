@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from goals import NOISE_SE, paired, runs
+from goals import NOISE_SE, paired_figures, runs
 
 
 def main():
@@ -34,12 +34,9 @@ def main():
             if not method.startswith(args.reference + "["):
                 continue
             ours = runs(folder, method, seeds)
-            cells = []
-            for key in ("clean", "mean_missing", "worst_missing"):
-                mean, se = paired([sign * r[f"{key}_{metric}"] for r in ours],
-                                  [sign * r[f"{key}_{metric}"] for r in reference])
-                cells.append(f"{key} {mean * scale:+.2f} ± {se * scale:.2f}"
-                             f"{' (noise)' if abs(mean) < NOISE_SE * se or mean == 0 else ''}")
+            cells = [f"{key} {mean * scale:+.2f} ± {se * scale:.2f}"
+                     f"{' (noise)' if abs(mean) < NOISE_SE * se or mean == 0 else ''}"
+                     for key, mean, se in paired_figures(ours, reference, metric, sign)]
             print(f"- {method}: " + "; ".join(cells))
 
 

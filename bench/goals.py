@@ -28,6 +28,12 @@ def paired(values, base):
     return diffs.mean(), diffs.std(ddof=1) / np.sqrt(len(diffs))
 
 
+def paired_figures(ours, base, metric, sign):
+    """[(key, mean, se)] of the paired differences of clean, mean-missing and worst-missing (an error negated)."""
+    return [(key, *paired([sign * r[f"{key}_{metric}"] for r in ours], [sign * r[f"{key}_{metric}"] for r in base]))
+            for key in ("clean", "mean_missing", "worst_missing")]
+
+
 def runs(folder, method, seeds):
     return [json.loads((folder / "runs" / method / f"seed{s}" / "eval.json").read_text()) for s in seeds]
 
@@ -64,8 +70,7 @@ def main():
     for method in methods:
         ours = runs(args.folder, method, seeds)
         cells = []
-        for key in ("clean", "mean_missing", "worst_missing"):
-            mean, se = paired([sign * r[f"{key}_{metric}"] for r in ours], [sign * r[f"{key}_{metric}"] for r in base])
+        for key, mean, se in paired_figures(ours, base, metric, sign):
             verdict = "ok" if mean * scale >= -0.5 else ("noise" if abs(mean) < NOISE_SE * se else "LOSS")
             cells.append(f"{key} {mean * scale:+.2f} ± {se * scale:.2f} ({verdict})")
         print(f"- {method}: " + "; ".join(cells))

@@ -157,6 +157,9 @@ class InfoGainController:
         regression: the model predicts a value, not class logits: the gains are the divergences of
             Gaussian predictions of a fixed unit variance (half the squared change of the prediction).
         seed: of the controller's own generator (its state is in the checkpoint).
+        scale: learnability: the scores as shares of the largest |a_S| the EMAs have had (``"max"``) or
+            of the largest now (``"current"``).
+        shrink: learnability: shrink each EMA by its own noise before the draw (:meth:`resolved`).
     """
 
     def __init__(self, modalities, *, estimator="ig", temperature=1.0, epsilon=0.1, s_min=0.2, s_max=0.9,

@@ -22,15 +22,15 @@ from torch.func import functional_call, grad, vmap
 from ..base import task_loss
 
 
-class _Head(nn.Module):
-    """``model.head`` as a module call, so that ``functional_call`` can swap its parameters."""
+class _ModelCall(nn.Module):
+    """``call(model, *inputs)`` as a module call, so that ``functional_call`` can swap the parameters."""
 
-    def __init__(self, model):
+    def __init__(self, model, call):
         super().__init__()
-        self.model = model
+        self.model, self.call = model, call
 
-    def forward(self, joint):
-        return self.model.head(joint)
+    def forward(self, *inputs):
+        return self.call(self.model, *inputs)
 
 
 def head_parameters(model, params, views):
@@ -60,17 +60,6 @@ def pattern_representations(model, embeddings, present, masks, kept):
     return joint.unflatten(0, (patterns, batch))
 
 
-class _FusionHead(nn.Module):
-    """Fusion and head as one module call, for :func:`pattern_gradients` through the fusion."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, embeddings, present, masks):
-        return self.model.head(self.model.fuse(embeddings, present, masks))
-
-
 def pattern_gradients(model, params, views, labels, kept, through_fusion=False):
     """(P, n) float32: for each pattern of ``kept``, the gradient over ``params`` of the task loss of
     ``views`` with only that pattern's modalities present, flattened. ``params``: the head's, from the
@@ -78,20 +67,17 @@ def pattern_gradients(model, params, views, labels, kept, through_fusion=False):
     vectorised over the patterns' ``present`` masks (``vmap``)."""
     names = {id(p): f"model.{n}" for n, p in model.named_parameters()}
     keys = [names[id(p)] for p in params]
-    if through_fusion:
-        net, embeddings = _FusionHead(model), {k: z.detach() for k, z in views.embeddings.items()}
+    if through_fusion:  # varied per pattern: the present mask; fixed: the embeddings and the masks
+        net = _ModelCall(model, lambda m, present, embeddings, masks: m.head(m.fuse(embeddings, present, masks)))
         inputs = views.present[None] & kept[:, None]
-
-        def loss(values, present):
-            return task_loss(functional_call(net, dict(zip(keys, values)), (embeddings, present, views.masks)),
-                             labels)
-    else:
-        net = _Head(model)
+        fixed = ({k: z.detach() for k, z in views.embeddings.items()}, views.masks)
+    else:  # varied per pattern: the joint representation
+        net, fixed = _ModelCall(model, lambda m, joint: m.head(joint)), ()
         with torch.no_grad():
             inputs = pattern_representations(model, views.embeddings, views.present, views.masks, kept)
 
-        def loss(values, joint):
-            return task_loss(functional_call(net, dict(zip(keys, values)), (joint,)), labels)
+    def loss(values, varied):
+        return task_loss(functional_call(net, dict(zip(keys, values)), (varied, *fixed)), labels)
     grads = vmap(grad(loss), in_dims=(None, 0))(tuple(p.detach() for p in params), inputs)
     return torch.cat([g.float().flatten(1) for g in grads], 1)
 

@@ -60,7 +60,7 @@ class ModalImmune(Method):
         if options.controller == "learnability" and env.validation_batch is None:
             raise ValueError("method modalimmune: controller 'learnability' needs validation batches "
                              "(MethodEnv.validation_batch; the Trainer gives them)")
-        self.head_params = None  # found at the first measurement (learnability)
+        self.learn_params = None  # the parameters the learnability differentiates, found at its first measurement
         self.masker = (None if options.mask == "off" else
                        CurvatureMasker(self.params, seed=seed + 15485863, **options.masker_options()))
         self.tuner = LambdaTuner(model, self.params, options, env.validation_batch, self.generator, env.device)
@@ -99,10 +99,10 @@ class ModalImmune(Method):
             with torch.no_grad():
                 val_views = Views(model.encode(val), model.all_present(val), val.masks).apply(lambda t: t[rows])
             through_fusion = self.options.learn_on == "fusion_head"
-            if self.head_params is None:
-                self.head_params = (fusion_head_parameters(model, self.params) if through_fusion
+            if self.learn_params is None:
+                self.learn_params = (fusion_head_parameters(model, self.params) if through_fusion
                                     else head_parameters(model, self.params, val_views))
-            self.controller.observe_learnability(model, self.head_params, (first, labels[rows]),
+            self.controller.observe_learnability(model, self.learn_params, (first, labels[rows]),
                                                  (val_views, val.labels[rows]), natural, through_fusion)
             return
         self.controller.observe(model, first.embeddings, first.present, first.masks, natural)
