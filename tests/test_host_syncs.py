@@ -86,14 +86,17 @@ def test_baselines_read_nothing_in_their_step(monkeypatch, spec):
     assert method_syncs == [0] * 4 and apply_syncs == [1] * 4
 
 
-@pytest.mark.parametrize("spec, probes", [("modalimmune", False), ("modalimmune[mask=hard,controller=ig]", True)])
-def test_modalimmune_reads_nothing_outside_its_periodic_work(monkeypatch, spec, probes):
-    """The controller measures every 8th step (its scores come to the host: one copy); with the mask,
-    the masker probes every 10th (tau from the histogram: one copy, then three reads of that host copy);
-    every other micro-batch makes no read, and the whole optimizer step one."""
+@pytest.mark.parametrize("spec, measures, probes", [("modalimmune", False, False),
+                                                    ("modalimmune[controller=learnability]", True, False),
+                                                    ("modalimmune[mask=hard,controller=ig]", True, True)])
+def test_modalimmune_reads_nothing_outside_its_periodic_work(monkeypatch, spec, measures, probes):
+    """The defaults' uniform draw makes no read at all. A measuring controller measures every 8th step (its
+    scores come to the host: one copy); with the mask, the masker probes every 10th (tau from the
+    histogram: one copy, then three reads of that host copy); every other micro-batch makes no read, and
+    the whole optimizer step one."""
     steps = 13
     method_syncs, apply_syncs = per_step_syncs(monkeypatch, spec, steps)
-    allowed = [(s % 8 == 0) + 4 * probes * (s % 10 == 0) for s in range(steps)]
+    allowed = [measures * (s % 8 == 0) + 4 * probes * (s % 10 == 0) for s in range(steps)]
     assert all(0 < n <= limit if limit else n == 0 for n, limit in zip(method_syncs, allowed)), method_syncs
     assert apply_syncs == [1] * steps
 

@@ -1,6 +1,7 @@
 """method="modalimmune": masking and hypergradient wired, ablations, whole-state checkpoint/resume."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -102,6 +103,30 @@ def test_hypergradient_moves_phi_when_certified(data, monkeypatch):
     assert logs["hyper/applied"] == 1.0 and logs["hyper/certified"] == 1.0 and logs["hyper/iterations"] > 0
 
 
+def test_the_hypergradient_moves_the_single_view_weight(data, monkeypatch):
+    """phi's last coordinate is log l_single, and its hypergradient is the single-view term's: on a model
+    that is still learning, with validation batches that mostly keep one modality (val_drop 0.95),
+    raising l_single lowers their loss, so g < 0 and l_single rises by the step's factor; with the term
+    off (lambda_single=0) its hypergradient is 0 and its weight stays 0 (as the consistency's, off by
+    default), while the weights that are on have a hypergradient."""
+    moved, original = {}, tuner.implicit_hypergradient
+    for spec in ("modalimmune[hypergrad=neumann,hyper_every=1,val_drop=0.95]",
+                 "modalimmune[hypergrad=neumann,hyper_every=1,val_drop=0.95,lambda_single=0]"):
+        trainer = make(data, spec)
+        calls = []
+        monkeypatch.setattr(tuner, "implicit_hypergradient",
+                            lambda *a, **k: calls.append(original(*a, **k)) or calls[-1])
+        before = trainer.method.tuner.lambdas().clone()
+        one_step(trainer, step=1)
+        (g,), cert = calls[0]
+        assert cert.certified, cert.reason
+        assert torch.equal(g == 0, ~trainer.method.tuner.active)  # every weight that is on has a hypergradient
+        moved[spec] = g, trainer.method.tuner.lambdas() / before.clamp_min(1e-30)
+    (g_on, ratio_on), (g_off, _) = moved.values()
+    assert g_on[3] < 0 and ratio_on[3].item() == pytest.approx(math.exp(0.1), rel=1e-5)
+    assert g_off[3] == 0 and trainer.method.tuner.lambdas()[3] == 0
+
+
 def test_hypergradient_through_the_attention_model(data):
     """The fusion transformer's attention (a fused kernel in training) is differentiated twice by the
     solve; the damping relative to the curvature's scale certifies it within ``hyper_iters``."""
@@ -181,15 +206,23 @@ def test_controller_measures_the_first_ig_samples(data, samples, rows):
 
 @pytest.mark.parametrize("samples, rows", [(0, 16), (5, 5)])
 def test_learnability_measures_the_first_ig_samples_of_the_batch_and_of_a_validation_batch(data, samples, rows):
-    trainer = make(data, f"modalimmune[ig_samples={samples}]")
-    controller, seen = trainer.method.controller, []
-    observe = controller.observe_learnability
-    controller.observe_learnability = lambda model, params, train, validation, *args: (
-        seen.append((len(train[1]), train[0].present.shape[0], len(validation[1]), validation[0].present.shape[0]))
-        or observe(model, params, train, validation, *args))
+    """... and encodes those validation rows in eval mode (no dropout draw), while training goes on in train mode."""
+    trainer = make(data, f"modalimmune[controller=learnability,ig_samples={samples}]")
+    method, seen, drawn = trainer.method, [], []
+    observe, next_batch = method.controller.observe_learnability, method.validation_batch
+    method.validation_batch = lambda: drawn.append(next_batch()) or drawn[-1]
+    method.controller.observe_learnability = lambda model, params, train, validation, *args: (
+        seen.append((len(train[1]), train[0].present.shape[0], len(validation[1]), validation[0].present.shape[0],
+                     validation[0].embeddings)) or observe(model, params, train, validation, *args))
     one_step(trainer)
     val_rows = min(rows, data.split_size("val"))  # a validation batch is at most the split
-    assert seen == [(rows, rows, val_rows, val_rows)]
+    assert [s[:4] for s in seen] == [(rows, rows, val_rows, val_rows)]
+    assert trainer.model.training
+    trainer.model.eval()
+    with torch.no_grad():
+        want = trainer.model.encode(drawn[0].select(slice(rows)))
+    for name, z in seen[0][4].items():
+        torch.testing.assert_close(z, want[name])
 
 
 def test_resume_restores_the_whole_method_state(data, tmp_path):
@@ -298,15 +331,15 @@ def test_a_nonfinite_step_is_skipped_and_leaves_the_method_state_untouched(data,
     assert all(torch.isfinite(p).all() for p in trainer.params)
 
 
-def test_single_view_weight_tops_up_what_the_draws_leave_alone(data):
-    """lambda_single (1 - q), q the share of the draws that already leave one modality alone."""
-    method = build_method("modalimmune[lambda_single=2]")
+def test_single_view_share_tops_up_what_the_draws_leave_alone(data):
+    """The term weighs lambda_single (1 - q), q the share of the draws that already leave one modality alone."""
+    method = build_method("modalimmune")
     strengths = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 0.0, 1.0]],
                              dtype=torch.float64)  # two of the four rows keep one modality of three
-    weight = method.single_view_weight(strengths)
-    assert weight.device.type == "cpu" and weight.item() == pytest.approx(1.0)
+    share = method.single_view_share(strengths)
+    assert share.device.type == "cpu" and share.item() == pytest.approx(0.5)
     both_alone = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)  # with two, every draw does
-    assert method.single_view_weight(both_alone).item() == 0
+    assert method.single_view_share(both_alone).item() == 0
 
 
 def test_the_single_view_term_is_logged_and_trains_with_three_modalities(data):

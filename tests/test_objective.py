@@ -146,3 +146,38 @@ def test_single_view_loss_matches_a_float64_loop_and_trains_each_view_alone():
     torch.testing.assert_close(got.double(), torch.stack(want).sum(), rtol=1e-5, atol=1e-6)
     for m, g in enumerate(torch.autograd.grad(got, list(embeddings.values()))):
         assert (g[~present[:, m]] == 0).all() and (g[present[:, m]].abs().sum(1) > 0).all()
+
+
+def test_one_view_per_sample_is_an_unbiased_draw_of_every_view_alone():
+    """``each="one"``: each row (that has any view) with one of its k_b views alone, drawn uniformly, its
+    loss weighted k_b / n_m (n_m rows have the drawn view m): the value of each draw by hand (the loss
+    is taken in float32), and the draw's frequencies (seen through which view's embedding the gradient
+    reaches) 1 / k_b, so the mean over draws is the stacked term, sum_m (1 / n_m) sum_{b has m} L(b, m)."""
+    torch.manual_seed(4)
+    dims = {"a": 3, "b": 5, "c": 2}
+    model = ToyModel(dims, classes=4).double()
+    embeddings = {k: z.double().requires_grad_() for k, z in toy_batch(dims, 11).items()}
+    present = torch.rand(11, 3) < 0.6
+    present[0], present[1] = False, True
+    labels = torch.randint(0, 4, (11,))
+    views = Views(embeddings, present, {})
+    alone_losses = torch.stack([torch.nn.functional.cross_entropy(
+        model.head(model.fuse(embeddings, present & (torch.arange(3) == m)[None])), labels, reduction="none")
+        for m in range(3)], 1).detach()  # (B, M): each row with view m alone
+    n, k = present.sum(0), present.sum(1)
+    torch.testing.assert_close(single_view_loss(model, views, labels).detach().double(),
+                               ((alone_losses * present).sum(0) / n).sum(), rtol=1e-5, atol=1e-6)
+    generator, reached = torch.Generator().manual_seed(0), torch.zeros(11, 3)
+    for _ in range(1000):
+        replay = torch.Generator().set_state(generator.get_state())
+        drawn = torch.rand(present.shape, generator=replay).masked_fill(~present, -1).argmax(1)
+        got = single_view_loss(model, views, labels, each="one", generator=generator)
+        rows = k > 0
+        want = (k[rows] / n[drawn[rows]] * alone_losses[rows, drawn[rows]]).sum()
+        torch.testing.assert_close(got.detach().double(), want, rtol=1e-5, atol=1e-6)
+        hit = torch.stack([g.abs().sum(1) > 0 for g in torch.autograd.grad(got, list(embeddings.values()))], 1)
+        assert torch.equal(hit.sum(1), rows.long())
+        reached += hit
+    frequency = reached / 1000
+    assert (frequency[~present] == 0).all()
+    assert torch.allclose(frequency[present], (1 / k[:, None].double()).expand(-1, 3)[present].float(), atol=0.07)

@@ -25,6 +25,7 @@ from ..base import distillation_loss, task_loss
 from .learnability import pattern_representations
 
 CONSISTENCIES = ("kl", "representation")
+SINGLE_VIEWS = ("all", "one")
 
 
 def consistency_loss(joint, joint_tilde):
@@ -32,18 +33,47 @@ def consistency_loss(joint, joint_tilde):
     return (joint.float() - joint_tilde.float()).square().sum(-1).mean() / joint.shape[-1]
 
 
-def single_view_loss(model, views, labels):
-    """The single-view term: the sum over the modalities m of the task loss with m alone present, each
-    over the samples that have m (each view weighs as the clean loss does, as each head of the ensemble
-    does). One fusion-and-head pass over the M single-view copies of the batch stacked along it, with
-    gradients into the fusion, the head and each encoder: every sample is seen with each view alone
-    every step, as the ensemble and the oracle see it (docs/method.md, "Single views")."""
+@dataclass
+class SingleViews:
+    """The single-view term's rows: the head's ``logits`` of each row with one view alone, its ``labels``
+    and its ``weights``; the term is sum(weights * per-row task loss) (:meth:`loss`)."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    weights: torch.Tensor
+
+    def loss(self, logits=None):
+        """The term, of these rows' logits or of ``logits`` in their place (the hypergradient's curvature)."""
+        logits = self.logits if logits is None else logits
+        return (task_loss(logits, self.labels, reduction="none") * self.weights).sum()
+
+
+def single_views(model, views, labels, *, each="all", generator=None):
+    """:class:`SingleViews` of the batch for the single-view term: the sum over the modalities m of the
+    task loss with m alone present, each over the samples that have m (each view weighs as the clean
+    loss does, as each head of the ensemble does), with gradients into the fusion, the head and each
+    encoder (docs/method.md, "Single views"). ``each="all"``: every sample with each of its views
+    alone, one fusion-and-head pass over the M single-view copies of the batch stacked along it, each
+    row weighted 1 / n_m (n_m rows have m). ``each="one"``: every sample with one of its k_b views
+    alone, drawn uniformly (``generator``), one pass over the batch, each row weighted k_b / n_m: the
+    same expectation."""
+    present = views.present
+    counts = present.sum(0).clamp_min(1).float()  # n_m
+    if each == "one":
+        draw = torch.rand(present.shape, generator=generator, device=present.device).masked_fill(~present, -1)
+        alone = torch.zeros_like(present).scatter_(1, draw.argmax(1, keepdim=True), True) & present
+        logits = model.head(model.fuse(views.embeddings, alone, views.masks))
+        return SingleViews(logits, labels, present.sum(1).float() / (alone.float() @ counts).clamp_min(1))
     M = len(model.modalities)
-    alone = torch.eye(M, dtype=torch.bool, device=views.present.device)
-    joint = pattern_representations(model, views.embeddings, views.present, views.masks, alone)
-    losses = task_loss(model.head(joint.flatten(0, 1)), labels.repeat(M), reduction="none").unflatten(0, (M, -1))
-    has = views.present.T.to(losses.dtype)  # (M, B): sample b has modality m
-    return ((losses * has).sum(1) / has.sum(1).clamp_min(1)).sum()
+    alone = torch.eye(M, dtype=torch.bool, device=present.device)
+    joint = pattern_representations(model, views.embeddings, present, views.masks, alone)
+    weights = present.T.float() / counts[:, None]  # (M, B): 1 / n_m where sample b has m
+    return SingleViews(model.head(joint.flatten(0, 1)), labels.repeat(M), weights.flatten())
+
+
+def single_view_loss(model, views, labels, *, each="all", generator=None):
+    """The single-view term (:func:`single_views`)."""
+    return single_views(model, views, labels, each=each, generator=generator).loss()
 
 
 def normalised_effective_rank(joint, *, k=None, generator=None):

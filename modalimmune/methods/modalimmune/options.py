@@ -7,12 +7,12 @@ from ... import checks
 from ..base import option_label
 from .controller import ESTIMATORS, SCALES
 from .interventions import COLLAPSES, INTERVENTIONS
-from .objective import CONSISTENCIES
+from .objective import CONSISTENCIES, SINGLE_VIEWS
 
 MASKS = ("hard", "soft", "off")
 HYPERGRADS = ("neumann", "off")
 HYPER_PARAMS = ("fusion_head", "all")
-LAMBDA_NAMES = ("imm", "con", "rank")
+LAMBDA_NAMES = ("imm", "con", "rank", "single")
 LOG_LAMBDA_RANGE = (math.log(1e-3), math.log(10.0))  # phi is kept inside these bounds
 
 
@@ -21,7 +21,7 @@ class Options:
     """Every option of the method; the docs' options table says what each does."""
 
     # ablation switches and the kind of intervention (docs/method.md, "Defaults and the evidence")
-    controller: str = "learnability"
+    controller: str = "uniform"
     collapse: str = "spectral"
     mask: str = "off"
     hypergrad: str = "off"
@@ -29,9 +29,10 @@ class Options:
     consistency: str = "kl"
     # initial weights of the destructive terms (phi = their logs)
     lambda_imm: float = 3.0
-    lambda_con: float = 0.1
-    lambda_rank: float = 0.01
-    lambda_single: float = 1.0  # each single view alone, each step (not tuned by the hypergradient)
+    lambda_con: float = 0.0  # 0: off (docs/method.md, "Defaults and the evidence"); 0.1 when on
+    lambda_rank: float = 0.0  # 0: off (docs/method.md, "Defaults and the evidence"); 0.01 when on
+    lambda_single: float = 1.0  # each single view alone, each step
+    single_views: str = "all"  # all: every view alone (M copies); one: one view alone per sample and step
     # controller
     temperature: float = 0.5  # learnability: a share of the largest score; ig: in nats (0.05 was its default)
     epsilon: float = 0.2
@@ -70,6 +71,7 @@ class Options:
         for name, options in (("controller", ESTIMATORS), ("collapse", COLLAPSES), ("mask", MASKS),
                               ("hypergrad", HYPERGRADS), ("intervention", INTERVENTIONS),
                               ("consistency", CONSISTENCIES), ("learn_scale", SCALES),
+                              ("single_views", SINGLE_VIEWS),
                               ("learn_on", ("head", "fusion_head")),
                               ("hyper_params", HYPER_PARAMS)):
             checks.choice(label(name), getattr(self, name), options)
@@ -90,7 +92,8 @@ class Options:
             checks.flag(label(name), getattr(self, name))
 
     def initial_phi(self):
-        """phi = (log l_imm, log l_con, log l_rank), each inside ``LOG_LAMBDA_RANGE``."""
+        """phi = (log l_imm, log l_con, log l_rank, log l_single), each inside ``LOG_LAMBDA_RANGE`` (a weight
+        of 0, a term that is off, starts at the range's low end and stays off: ``LambdaTuner.weights``)."""
         low, high = LOG_LAMBDA_RANGE
         return [min(max(math.log(max(getattr(self, f"lambda_{n}"), 1e-30)), low), high) for n in LAMBDA_NAMES]
 

@@ -6,7 +6,7 @@ step); the intervention turns the clean :class:`Views` into the perturbed ones; 
 gives the clean loss and the destructive part; :meth:`CurvatureMasker.step` combines their
 gradients g_c and g_d into ``p.grad`` (Hutchinson probe of the clean loss every ``probe_every``
 steps). Every ``hyper_every`` optimizer steps the :class:`LambdaTuner` moves
-phi = (log l_imm, log l_con, log l_rank) along the certified implicit hypergradient of a validation
+phi = (log l_imm, log l_con, log l_rank, log l_single) along the certified implicit hypergradient of a validation
 loss with random missing modalities; an uncertified hypergradient is logged and not applied.
 
 Ablations (options of the method spec, e.g. ``modalimmune[mask=off]``):
@@ -95,15 +95,20 @@ class ModalImmune(Method):
         rows = slice(self.options.ig_samples or None)
         first = views.apply(lambda t: t[rows])
         if self.options.controller == "learnability":
-            val = self.validation_batch()  # a random subset of the validation split, as the batches are drawn
-            with torch.no_grad():
-                val_views = Views(model.encode(val), model.all_present(val), val.masks).apply(lambda t: t[rows])
+            val = self.validation_batch().select(rows)  # a random subset of the validation split
+            was_training = model.training
+            model.eval()  # the learnability's measurement is in eval mode: no dropout in its embeddings either
+            try:
+                with torch.no_grad():
+                    val_views = Views(model.encode(val), model.all_present(val), val.masks)
+            finally:
+                model.train(was_training)
             through_fusion = self.options.learn_on == "fusion_head"
             if self.learn_params is None:
                 self.learn_params = (fusion_head_parameters(model, self.params) if through_fusion
                                     else head_parameters(model, self.params, val_views))
             self.controller.observe_learnability(model, self.learn_params, (first, labels[rows]),
-                                                 (val_views, val.labels[rows]), natural, through_fusion)
+                                                 (val_views, val.labels), natural, through_fusion)
             return
         self.controller.observe(model, first.embeddings, first.present, first.masks, natural)
 
@@ -127,35 +132,38 @@ class ModalImmune(Method):
         perturbed = self.intervene(clean, strengths, ctx)
         decode = bool(ctx.rec_weight) and getattr(model, "decodes", False)
         outputs = forward_pair(model, clean, perturbed, decode=decode)
-        # the guard's weight is 0 and fixed: its SVD would be computed only to be multiplied by 0
+        # a guard that is off stays 0 (the hypergradient too): its SVD would only be multiplied by 0
         erank = (normalised_effective_rank(ctx.gather_rows(outputs.joint_tilde), k=options.erank_k,
                                            generator=self.generator)
-                 if options.lambda_rank > 0 or options.hypergrad != "off" else outputs.logits.new_zeros(()))
+                 if options.lambda_rank > 0 else outputs.logits.new_zeros(()))
         terms = objective_terms(outputs, batch.labels, clean.embeddings, clean.masks, erank=erank,
                                 consistency=options.consistency)
         destructive = terms.destructive(self.tuner.lambdas(), ctx.rec_weight)
-        single = terms.task.new_zeros(())
+        single, single_share = terms.task.new_zeros(()), 0.0
         if options.lambda_single > 0 and len(model.modalities) > 2:  # with two, every draw is a single view
-            single = single_view_loss(model, clean, batch.labels)
-            destructive = destructive + self.single_view_weight(strengths) * single
+            single = single_view_loss(model, clean, batch.labels, each=options.single_views,
+                                      generator=self.generator)
+            single_share = self.single_view_share(strengths)
+            destructive = destructive + self.tuner.lambdas()[3] * single_share * single
         logs = self.masked_gradient(terms.task, destructive, ctx)
         if (options.hypergrad == "neumann" and ctx.step > 0 and ctx.step % options.hyper_every == 0
                 and ctx.step != self.last_hyper_step):
             self.last_hyper_step = ctx.step
             self.tuner.step(model, clean.gathered(), perturbed.gathered(), ctx.gather_rows(batch.labels),
-                            ctx.rec_weight)
+                            ctx.rec_weight, single_share)
         logs.update(loss=(terms.task + destructive).detach(), **terms.log(), **self.controller.log(), **self.tuner.log)
         logs["term/single"] = single.detach()
         logs.update({f"target/{n}": s for n, s in zip(model.modalities, strengths.mean(0).unbind())})
         logs.update(self.tuner.lambda_log())
         return logs
 
-    def single_view_weight(self, strengths):
-        """lambda_single (1 - q), q the share of this step's draws that already leave one modality alone
-        (``strengths``: the (B, M) host draw): the single views get lambda_single in all, the draws' part
-        and the term's (docs/method.md, "Single views"). A host 0-dim tensor: no read of a value."""
+    def single_view_share(self, strengths):
+        """1 - q, q the share of this step's draws that already leave one modality alone (``strengths``: the
+        (B, M) host draw): the single-view term weighs l_single (1 - q), so that the single views get
+        l_single in all, the draws' part and the term's (docs/method.md, "Single views"). A host 0-dim
+        tensor: no read of a value."""
         removed = (strengths >= 1).sum(1)
-        return self.options.lambda_single * (1 - (removed == strengths.shape[1] - 1).double().mean()).float()
+        return (1 - (removed == strengths.shape[1] - 1).double().mean()).float()
 
     def masked_gradient(self, clean, destructive, ctx):
         """g = g_c + M * g_d into ``p.grad`` through :meth:`CurvatureMasker.step` (plain g_c + g_d for

@@ -1,4 +1,4 @@
-"""LambdaTuner: the loss weights phi = (log l_imm, log l_con, log l_rank) along the certified
+"""LambdaTuner: the loss weights phi = (log l_imm, log l_con, log l_rank, log l_single) along the certified
 implicit hypergradient of a robust validation loss (docs/method_training.md, "Training step",
 step 5; docs/hypergrad.md)."""
 
@@ -10,7 +10,7 @@ from ... import checks
 from ...data.missing import random_present
 from ...hypergrad import implicit_hypergradient
 from ..base import task_loss
-from .objective import Outputs, forward_pair, normalised_effective_rank, objective_terms
+from .objective import Outputs, forward_pair, normalised_effective_rank, objective_terms, single_views
 from .options import LAMBDA_NAMES, LOG_LAMBDA_RANGE
 
 HYPER_RMS_DECAY = 0.9  # of the running mean square of the hypergradient that scales phi's steps
@@ -29,7 +29,8 @@ class LambdaTuner:
     warm start of the power iteration, the last solve's figures. ``validation_batch()`` gives the
     next validation batch; each of its samples misses each modality with probability
     ``options.val_drop`` (at least one kept), drawn from ``generator``. With ``hypergrad=off``
-    phi keeps its initial value (the tuner never steps) and no validation data is needed."""
+    phi keeps its initial value (the tuner never steps) and no validation data is needed. A term
+    whose initial weight is 0 is off: its weight stays 0 and its hypergradient is 0."""
 
     def __init__(self, model, params, options, validation_batch, generator, device):
         if validation_batch is None and options.hypergrad != "off":
@@ -38,6 +39,7 @@ class LambdaTuner:
         self.options, self.validation_batch, self.generator = options, validation_batch, generator
         self.modalities = len(model.modalities)
         self.phi = torch.tensor(options.initial_phi(), dtype=torch.float32, device=device, requires_grad=True)
+        self.active = torch.tensor([getattr(options, f"lambda_{n}") > 0 for n in LAMBDA_NAMES], device=device)
         self.mean_square, self.steps = torch.zeros_like(self.phi, requires_grad=False), 0
         self.targets = (fusion_head_parameters(model, params) if options.hyper_params == "fusion_head"
                         else list(params))
@@ -47,9 +49,13 @@ class LambdaTuner:
                     "hyper/residual_ratio": 0.0, "hyper/error_bound": 0.0, "hyper/grad_norm": 0.0,
                     "hyper/damping": 0.0, "hyper/solves": 0.0, "hyper/applied_total": 0.0}
 
+    def weights(self):
+        """(l_imm, l_con, l_rank, l_single) = exp(phi), 0 for the terms that are off; differentiable in phi."""
+        return torch.where(self.active, self.phi.exp(), torch.zeros((), device=self.phi.device))
+
     def lambdas(self):
-        """(l_imm, l_con, l_rank) = exp(phi), detached."""
-        return self.phi.detach().exp()
+        """:meth:`weights`, detached."""
+        return self.weights().detach()
 
     def lambda_log(self):
         return {f"lambda/{n}": v for n, v in zip(LAMBDA_NAMES, self.lambdas().unbind())}
@@ -64,13 +70,14 @@ class LambdaTuner:
             batches.append((batch, present))
         return batches
 
-    def step(self, model, clean, perturbed, labels, rec_weight=0.0):
+    def step(self, model, clean, perturbed, labels, rec_weight=0.0, single_share=0.0):
         """One step of phi along the certified implicit hypergradient. ``clean`` and ``perturbed`` are
         this micro-batch's :class:`Views` (gathered over the ranks: every rank then solves for the
         global micro-batch, so the solves, certificates and steps of phi agree); the embeddings are
-        constants, so only the fusion layers and head are differentiated. Returns (g, certificate), or
-        (None, None) when the step's embeddings or parameters are not finite: that step's loss is not
-        finite either, the step is skipped, and there is nothing to solve for."""
+        constants, so only the fusion layers and head are differentiated. ``single_share``: the
+        single-view term's share of l_single this step, 1 - q (0: the term is not computed). Returns
+        (g, certificate), or (None, None) when the step's embeddings or parameters are not finite: that
+        step's loss is not finite either, the step is skipped, and there is nothing to solve for."""
         options = self.options
         if not checks.all_finite([*clean.embeddings.values(), *perturbed.embeddings.values(), *self.targets]):
             return None, None
@@ -81,17 +88,28 @@ class LambdaTuner:
         with torch.no_grad():
             val_embeddings = [{k: v.detach() for k, v in model.encode(b).items()} for b, _ in val]
 
+        ranked = options.lambda_rank > 0  # a guard that is off stays off: no SVD for a weight of 0
+
         def inner_loss():
             out = forward_pair(model, clean, perturbed, decode=decode)
-            erank = normalised_effective_rank(out.joint_tilde, k=options.erank_k, generator=self.generator)
+            erank = (normalised_effective_rank(out.joint_tilde, k=options.erank_k, generator=self.generator)
+                     if ranked else None)
+            single = (single_views(model, clean, labels, each=options.single_views, generator=self.generator)
+                      if single_share else None)
+            optional = [t for t in (erank, single.logits if single else None) if t is not None]
             decoded = list(out.decoded.values()) if decode else []
-            outputs = (out.logits, out.logits_tilde, out.joint, out.joint_tilde, erank, *decoded)
+            outputs = (out.logits, out.logits_tilde, out.joint, out.joint_tilde, *optional, *decoded)
 
             def loss_of_outputs(o):  # convex in the outputs except erank, where it is linear: GGN stays PSD
-                rebuilt = Outputs(o[2], o[0], o[3], o[1], dict(zip(out.decoded, o[5:])) if decode else None)
-                terms = objective_terms(rebuilt, labels, clean.embeddings, clean.masks, erank=o[4],
+                rest = list(o[4:])
+                erank_o = rest.pop(0) if ranked else o[0].new_zeros(())
+                single_o = rest.pop(0) if single else None
+                rebuilt = Outputs(o[2], o[0], o[3], o[1], dict(zip(out.decoded, rest)) if decode else None)
+                terms = objective_terms(rebuilt, labels, clean.embeddings, clean.masks, erank=erank_o,
                                         consistency=options.consistency)
-                return terms.task + terms.destructive(self.phi.exp(), rec_weight)
+                weights = self.weights()
+                loss = terms.task + terms.destructive(weights, rec_weight)
+                return loss + weights[3] * single_share * single.loss(single_o) if single else loss
             return outputs, loss_of_outputs
 
         def outer_loss():
