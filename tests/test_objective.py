@@ -57,6 +57,9 @@ def test_destructive_combination():
     weights = torch.tensor([2.0, 3.0, 5.0])
     assert terms.destructive(weights).item() == pytest.approx(2 * 2 + 3 * 3 - 5 * 0.5)
     assert terms.destructive(weights, rec_weight=0.1).item() == pytest.approx(2 * 2 + 3 * 3 - 5 * 0.5 + 0.7)
+    with_single = torch.tensor([2.0, 3.0, 5.0, 4.0])  # l_single (1 - q) L_single, here 4 * 0.25 * 6
+    assert terms.destructive(with_single, 0.1, torch.tensor(6.0), 0.25).item() == pytest.approx(
+        2 * 2 + 3 * 3 - 5 * 0.5 + 0.7 + 4 * 0.25 * 6)
 
 
 def tiny_setup(decode=False):

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from .. import checks
+from ..models.base import eval_mode
 from .base import INPUT_KINDS, Encoder, check_texts
 
 FORMAT = 1  # bump when the entry layout or the key changes: old entries are then never read
@@ -96,30 +97,25 @@ def _encode(encoder, data, name, present, progress):
     rows = np.flatnonzero(present)
     if not isinstance(data, np.ndarray):  # texts longest first: a batch pads to similar lengths (1.6x faster)
         rows = rows[np.argsort([-len(data[i]) for i in rows], kind="stable")]
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        with torch.no_grad(), tqdm(total=len(rows), desc=f"{encoder.kind} embeddings", unit="row",
-                                   disable=not progress) as bar:
-            for start in range(0, len(rows), encoder.batch_size):
-                batch_rows = rows[start:start + encoder.batch_size]
-                batch = data[batch_rows] if isinstance(data, np.ndarray) else [data[i] for i in batch_rows]
-                output = encoder(batch)
-                if not isinstance(output, torch.Tensor) or not output.is_floating_point():
-                    got = f"a {output.dtype} Tensor" if isinstance(output, torch.Tensor) else type(output).__name__
-                    checks.fail("encoder", "a floating Tensor from each batch", got, TypeError)
-                expected = (len(batch_rows), encoder.output_dim)
-                if tuple(output.shape) != expected:
-                    checks.fail("encoder", f"embeddings of shape {expected} (output_dim {encoder.output_dim}) "
-                                f"for every batch", f"{tuple(output.shape)} for the batch of {name}[{batch_rows[0]}]")
-                values = output.detach().float().cpu().numpy()
-                bad = np.flatnonzero(~np.isfinite(values).all(1))
-                if bad.size:
-                    checks.fail("encoder", "finite embeddings", f"NaN or Inf for {name}[{batch_rows[bad[0]]}]")
-                embeddings[batch_rows] = values
-                bar.update(len(batch_rows))
-    finally:
-        encoder.train(was_training)
+    with eval_mode(encoder), torch.no_grad(), tqdm(total=len(rows), desc=f"{encoder.kind} embeddings", unit="row",
+                                                   disable=not progress) as bar:
+        for start in range(0, len(rows), encoder.batch_size):
+            batch_rows = rows[start:start + encoder.batch_size]
+            batch = data[batch_rows] if isinstance(data, np.ndarray) else [data[i] for i in batch_rows]
+            output = encoder(batch)
+            if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+                got = f"a {output.dtype} Tensor" if isinstance(output, torch.Tensor) else type(output).__name__
+                checks.fail("encoder", "a floating Tensor from each batch", got, TypeError)
+            expected = (len(batch_rows), encoder.output_dim)
+            if tuple(output.shape) != expected:
+                checks.fail("encoder", f"embeddings of shape {expected} (output_dim {encoder.output_dim}) "
+                            f"for every batch", f"{tuple(output.shape)} for the batch of {name}[{batch_rows[0]}]")
+            values = output.detach().float().cpu().numpy()
+            bad = np.flatnonzero(~np.isfinite(values).all(1))
+            if bad.size:
+                checks.fail("encoder", "finite embeddings", f"NaN or Inf for {name}[{batch_rows[bad[0]]}]")
+            embeddings[batch_rows] = values
+            bar.update(len(batch_rows))
     return embeddings
 
 

@@ -4,7 +4,7 @@
 import torch
 
 from ..data.missing import random_present
-from ..models.base import pool
+from ..models.base import eval_mode, pool
 from . import corruptions, metrics
 
 SNR_DB = (10.0, 0.0, -10.0)
@@ -107,9 +107,7 @@ def evaluate(model, dataset, split="test", seed=0, *, drop_rates=metrics.DROP_RA
     """
     dataset = _check(model, dataset, split)
     device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         names = dataset.modalities
         cache = _Cache(model, dataset, split, batch_size, device)
         m = len(names)
@@ -142,8 +140,6 @@ def evaluate(model, dataset, split="test", seed=0, *, drop_rates=metrics.DROP_RA
         else:
             result["clean_mse"] = float((clean.cpu() - labels).square().mean())
             result["clean_r2"] = metrics.r2_score(clean.cpu()[:, None], labels[:, None])
-    finally:
-        model.train(was_training)
     return result
 
 
@@ -158,13 +154,9 @@ def pattern_score(model, dataset, keep, split="test", *, batch_size=512, device=
     present (over the samples that have them all; None when none does): one missing pattern of
     :func:`evaluate`, for the per-pattern oracle."""
     dataset = _check(model, dataset, split)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         cache = _Cache(model, dataset, split, batch_size, device or next(model.parameters()).device)
         return cache.score(_kept(keep, len(dataset.modalities)), rows=cache.having(keep))
-    finally:
-        model.train(was_training)
 
 
 def _drop_masks(cache, modalities, rate, seed, level):

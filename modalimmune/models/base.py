@@ -12,8 +12,21 @@ A model has named modalities and
   ``present`` when its data lacks modalities, else all true).
 """
 
+import contextlib
+
 import torch
 from torch import nn
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """``model`` in eval mode (no dropout draw) inside the block, back in the mode it was in after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def pool(embedding, mask=None):

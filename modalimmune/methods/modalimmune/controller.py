@@ -43,6 +43,7 @@ import math
 import torch
 
 from ... import checks, distributed
+from ...models.base import eval_mode
 from .learnability import learnability, pattern_representations
 
 ESTIMATORS = ("learnability", "ig", "shapley", "uniform")
@@ -77,13 +78,9 @@ def _variant_predictions(model, embeddings, present, masks, variants, regression
     M = len(model.modalities)
     variants = [set(range(M))] + [set(v) for v in variants]
     kept = torch.tensor([[i in v for i in range(M)] for v in variants], device=present.device)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         joint = pattern_representations(model, embeddings, present, masks or {}, kept)
         logits = model.head(joint.flatten(0, 1)).float().unflatten(0, joint.shape[:2])
-    finally:
-        model.train(was_training)
     log_p = logits if regression else logits.log_softmax(-1)
     return log_p[0], log_p[1:]
 

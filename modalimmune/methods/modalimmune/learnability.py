@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from ...models.base import eval_mode
 from ..base import task_loss
 
 
@@ -36,15 +37,11 @@ class _ModelCall(nn.Module):
 def head_parameters(model, params, views):
     """The parameters of ``params`` that ``model.head`` uses, found by differentiating it at the joint
     representation of ``views`` (in eval mode: no dropout draw, so finding them changes no random stream)."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with torch.no_grad():
             joint = model.fuse(views.embeddings, views.present, views.masks)
         with torch.enable_grad():
             grads = torch.autograd.grad(model.head(joint).float().sum(), params, allow_unused=True)
-    finally:
-        model.train(was_training)
     return [p for p, g in zip(params, grads) if g is not None]
 
 
@@ -86,11 +83,7 @@ def learnability(model, params, train, validation, kept, through_fusion=False):
     """a_S for each pattern of ``kept`` (float64, (P,)): ``train`` and ``validation`` are
     ``(views, labels)`` pairs; ``params`` the head's (:func:`head_parameters`) or, ``through_fusion``,
     the fusion's and the head's."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         g_train = pattern_gradients(model, params, *train, kept, through_fusion)
         g_val = pattern_gradients(model, params, *validation, kept, through_fusion)
-    finally:
-        model.train(was_training)
     return (g_train.double() * g_val.double()).sum(1).cpu()

@@ -103,10 +103,13 @@ class Terms:
     erank: torch.Tensor
     reconstruction: torch.Tensor
 
-    def destructive(self, weights, rec_weight=0.0):
-        """l_imm L_imm + l_con L_con - l_rank erank + l_rec L_rec; ``weights`` = (l_imm, l_con, l_rank)."""
+    def destructive(self, weights, rec_weight=0.0, single=None, single_share=1.0):
+        """l_imm L_imm + l_con L_con - l_rank erank + l_rec L_rec [+ l_single (1 - q) L_single]; ``weights`` =
+        (l_imm, l_con, l_rank, l_single); ``single``: the single-view term L_single, ``single_share`` its 1 - q."""
         loss = weights[0] * self.immunity + weights[1] * self.consistency - weights[2] * self.erank
-        return loss + rec_weight * self.reconstruction if rec_weight else loss
+        if rec_weight:
+            loss = loss + rec_weight * self.reconstruction
+        return loss if single is None else loss + weights[3] * single_share * single
 
     def log(self):
         """Every term as a detached 0-dim tensor (read to the host only when a log line is written)."""

@@ -16,6 +16,7 @@ Ablations (options of the method spec, e.g. ``modalimmune[mask=off]``):
 
 import torch
 
+from ...models.base import eval_mode
 from ..base import Method, register_method
 from .controller import InfoGainController
 from .interventions import Views, intervene
@@ -96,13 +97,9 @@ class ModalImmune(Method):
         first = views.apply(lambda t: t[rows])
         if self.options.controller == "learnability":
             val = self.validation_batch().select(rows)  # a random subset of the validation split
-            was_training = model.training
-            model.eval()  # the learnability's measurement is in eval mode: no dropout in its embeddings either
-            try:
-                with torch.no_grad():
-                    val_views = Views(model.encode(val), model.all_present(val), val.masks)
-            finally:
-                model.train(was_training)
+            # the learnability's measurement is in eval mode: no dropout in its embeddings either
+            with eval_mode(model), torch.no_grad():
+                val_views = Views(model.encode(val), model.all_present(val), val.masks)
             through_fusion = self.options.learn_on == "fusion_head"
             if self.learn_params is None:
                 self.learn_params = (fusion_head_parameters(model, self.params) if through_fusion
@@ -138,13 +135,12 @@ class ModalImmune(Method):
                  if options.lambda_rank > 0 else outputs.logits.new_zeros(()))
         terms = objective_terms(outputs, batch.labels, clean.embeddings, clean.masks, erank=erank,
                                 consistency=options.consistency)
-        destructive = terms.destructive(self.tuner.lambdas(), ctx.rec_weight)
-        single, single_share = terms.task.new_zeros(()), 0.0
+        single, single_share = None, 0.0
         if options.lambda_single > 0 and len(model.modalities) > 2:  # with two, every draw is a single view
             single = single_view_loss(model, clean, batch.labels, each=options.single_views,
                                       generator=self.generator)
             single_share = self.single_view_share(strengths)
-            destructive = destructive + self.tuner.lambdas()[3] * single_share * single
+        destructive = terms.destructive(self.tuner.lambdas(), ctx.rec_weight, single, single_share)
         logs = self.masked_gradient(terms.task, destructive, ctx)
         if (options.hypergrad == "neumann" and ctx.step > 0 and ctx.step % options.hyper_every == 0
                 and ctx.step != self.last_hyper_step):
@@ -152,7 +148,7 @@ class ModalImmune(Method):
             self.tuner.step(model, clean.gathered(), perturbed.gathered(), ctx.gather_rows(batch.labels),
                             ctx.rec_weight, single_share)
         logs.update(loss=(terms.task + destructive).detach(), **terms.log(), **self.controller.log(), **self.tuner.log)
-        logs["term/single"] = single.detach()
+        logs["term/single"] = terms.task.new_zeros(()) if single is None else single.detach()
         logs.update({f"target/{n}": s for n, s in zip(model.modalities, strengths.mean(0).unbind())})
         logs.update(self.tuner.lambda_log())
         return logs

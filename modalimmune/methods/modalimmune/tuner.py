@@ -9,6 +9,7 @@ import torch
 from ... import checks
 from ...data.missing import random_present
 from ...hypergrad import implicit_hypergradient
+from ...models.base import eval_mode
 from ..base import task_loss
 from .objective import Outputs, forward_pair, normalised_effective_rank, objective_terms, single_views
 from .options import LAMBDA_NAMES, LOG_LAMBDA_RANGE
@@ -107,25 +108,20 @@ class LambdaTuner:
                 rebuilt = Outputs(o[2], o[0], o[3], o[1], dict(zip(out.decoded, rest)) if decode else None)
                 terms = objective_terms(rebuilt, labels, clean.embeddings, clean.masks, erank=erank_o,
                                         consistency=options.consistency)
-                weights = self.weights()
-                loss = terms.task + terms.destructive(weights, rec_weight)
-                return loss + weights[3] * single_share * single.loss(single_o) if single else loss
+                single_loss = single.loss(single_o) if single else None
+                return terms.task + terms.destructive(self.weights(), rec_weight, single_loss, single_share)
             return outputs, loss_of_outputs
 
         def outer_loss():
             return sum(task_loss(model.head(model.fuse(z, p, b.masks)), b.labels)
                        for (b, p), z in zip(val, val_embeddings)) / len(val)
 
-        was_training = model.training
-        model.eval()  # no dropout noise inside the solve
-        try:
+        with eval_mode(model):  # no dropout noise inside the solve
             (g,), cert = implicit_hypergradient(inner_loss, outer_loss, self.targets, [self.phi],
                                                 curvature="ggn", damping=options.hyper_damping,
                                                 relative_damping=options.hyper_rel_damping, tol=options.hyper_tol,
                                                 max_iter=options.hyper_iters, power_iters=options.hyper_power_iters,
                                                 power_init=self.power_init or None)
-        finally:
-            model.train(was_training)
         self.power_init = [t.detach().clone() for t in cert.eigvec] if cert.eigvec else []
         norm = float(g.norm())
         applied = cert.certified and math.isfinite(norm)
