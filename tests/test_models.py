@@ -2,9 +2,14 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_data import single_thread, tiny_dataset  # noqa: F401 (autouse fixture)
 
 from modalimmune.models import build_model, pool
+from modalimmune.models.base import fuse_patterns
+
+SMALL = {"mlp": dict(hidden=16, embed_dim=8, fused_dim=12), "transformer": dict(dim=16, heads=2, patch=4)}
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +63,58 @@ def test_pool_averages_real_tokens():
     z = torch.tensor([[[1.0], [3.0], [100.0]]])
     assert pool(z, torch.tensor([[True, True, False]])).item() == 2.0
     assert torch.equal(pool(z[:, 0]), z[:, 0])
+
+
+def _double_views(model, data, rows):
+    batch = data.batch(data.indices("train")[:rows])
+    for name in data.modalities:
+        batch = batch.replace(name, batch.inputs[name].double())
+    with torch.no_grad():
+        embeddings = model.encode(batch)
+    return {k: z.requires_grad_() for k, z in embeddings.items()}, batch.masks
+
+
+@pytest.mark.parametrize("name", ["mlp", "transformer"])
+@settings(max_examples=12, deadline=None)
+@given(patterns=st.integers(1, 6), rows=st.integers(1, 9), seed=st.integers(0, 2**31 - 1))
+def test_fuse_patterns_is_fuse_under_each_pattern(data, name, patterns, rows, seed):
+    """The law of the multi-pattern pass: ``fuse_patterns(Z, P)[p] == fuse(Z, P[p])`` for every
+    pattern, values and gradients (into the embeddings and every parameter), in float64, for random
+    masks (rows with nothing present, with everything, the sequence's own padding)."""
+    torch.manual_seed(seed)
+    model = build_model(name, data.spec, data.num_classes, **SMALL[name]).double().eval()
+    if name == "mlp":
+        for missing in model.missing.values():
+            torch.nn.init.normal_(missing)
+    embeddings, masks = _double_views(model, data, rows)
+    present = torch.rand(patterns, rows, 3) < 0.5
+    present[0, 0] = True
+    inputs = [*embeddings.values(), *model.parameters()]
+    got = model.fuse_patterns(embeddings, present, masks)
+    want = torch.stack([model.fuse(embeddings, p, masks) for p in present])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    weights = torch.randn_like(got)  # a random linear functional of the joint representations
+    for a, b in zip(torch.autograd.grad((got * weights).sum(), inputs, allow_unused=True),
+                    torch.autograd.grad((want * weights).sum(), inputs, allow_unused=True)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_fuse_patterns_of_a_model_without_its_own_stacks_the_batch(data):
+    """A model with no ``fuse_patterns`` of its own (the plug-in contract asks only for ``fuse``):
+    the function stacks the patterns through ``fuse``, one call."""
+    model = build_model("mlp", data.spec, data.num_classes, **SMALL["mlp"]).double().eval()
+    calls = []
+
+    class OnlyFuse(torch.nn.Module):
+        modalities = model.modalities
+
+        def fuse(self, embeddings, present, masks=None):
+            calls.append(present.shape)
+            return model.fuse(embeddings, present, masks)
+    embeddings, masks = _double_views(model, data, 5)
+    present = torch.rand(4, 5, 3) < 0.5
+    got = fuse_patterns(OnlyFuse(), embeddings, present, masks)
+    assert calls == [(20, 3)]
+    torch.testing.assert_close(got, model.fuse_patterns(embeddings, present, masks), rtol=1e-10, atol=1e-12)

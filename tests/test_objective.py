@@ -11,6 +11,7 @@ from modalimmune.methods import forward
 from modalimmune.methods.modalimmune.interventions import Views, collapse
 from modalimmune.methods.modalimmune.objective import (
     Outputs,
+    SingleViews,
     Terms,
     consistency_loss,
     forward_pair,
@@ -18,6 +19,7 @@ from modalimmune.methods.modalimmune.objective import (
     objective_terms,
     reconstruction_loss,
     single_view_loss,
+    single_view_patterns,
     task_loss,
 )
 from modalimmune.models import LateFusionMLP
@@ -124,6 +126,36 @@ def test_destructive_gradient_reaches_the_collapsed_encoder():
     loss = terms.destructive(torch.tensor([1.0, 1.0, 0.1]))
     grads = torch.autograd.grad(loss, list(model.encoders["b"].parameters()))
     assert all(torch.isfinite(g).all() for g in grads) and sum(g.abs().sum() for g in grads) > 0
+
+
+@pytest.mark.parametrize("damage", ["removal", "collapse"])
+def test_forward_pair_with_patterns_is_the_separate_passes(damage):
+    """Clean, perturbed and the single-view patterns in one pass (removal: the perturbed views keep the
+    clean embeddings, so all are one ``fuse_patterns``; a partial collapse: the perturbed pass apart)
+    give what each pass alone gives, and the single-view term from that pass is ``single_view_loss``."""
+    model, batch = tiny_setup(decode=True)
+    model.double()
+    for name in model.modalities:
+        batch = batch.replace(name, batch.inputs[name].double())
+    z = model.encode(batch)
+    present = model.all_present(batch)
+    removed = present & (torch.rand(present.shape) < 0.5)
+    clean = Views(z, present, batch.masks)
+    perturbed = (Views(dict(z), removed, dict(batch.masks)) if damage == "removal" else
+                 Views({**z, "b": collapse(z["b"], 0.6)}, present, batch.masks))
+    patterns, weights = single_view_patterns(present)
+    got = forward_pair(model, clean, perturbed, decode=True, patterns=patterns)
+    want = forward_pair(model, clean, perturbed, decode=True)
+    assert want.pattern_logits is None
+    for field in ("joint", "logits", "joint_tilde", "logits_tilde"):
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got.joint_tilde, model.fuse(perturbed.embeddings, perturbed.present, batch.masks))
+    for name, decoded in want.decoded.items():
+        torch.testing.assert_close(got.decoded[name], decoded)
+    torch.testing.assert_close(got.pattern_logits, torch.cat([model.head(model.fuse(z, p, batch.masks))
+                                                              for p in patterns]), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(SingleViews.of(got.pattern_logits, batch.labels, weights).loss(),
+                               single_view_loss(model, clean, batch.labels), rtol=1e-10, atol=1e-12)
 
 
 def test_single_view_loss_matches_a_float64_loop_and_trains_each_view_alone():

@@ -5,6 +5,9 @@ A model has named modalities and
 - ``fuse(embeddings, present, masks=None) -> H`` ``(B, d_h)``, ``present`` a
   ``(B, M)`` bool mask in ``modalities`` order, ``masks`` the token masks of
   token embeddings (``batch.masks``);
+- optionally ``fuse_patterns(embeddings, present, masks=None) -> (P, B, d_h)``, the
+  same batch fused under P ``present`` masks ``(P, B, M)`` at once (without it,
+  :func:`fuse_patterns` stacks P copies of the batch through ``fuse``);
 - ``head(H) -> logits`` and optionally ``decode(H) -> {name: Ẑ}``, the pooled
   embedding of each modality reconstructed from the joint one;
 - ``all_present(batch) -> present``: the ``(B, M)`` mask of the batch as it comes,
@@ -27,6 +30,20 @@ def eval_mode(model):
         yield model
     finally:
         model.train(was_training)
+
+
+def fuse_patterns(model, embeddings, present, masks=None):
+    """(P, B, d_h): the joint representations of one batch's ``embeddings`` under each of P ``present``
+    masks ((P, B, M) bool), by the model's own ``fuse_patterns`` where it has one, else by one ``fuse``
+    over the P copies of the batch stacked along it (docs/benchmark.md, "Models")."""
+    own = getattr(model, "fuse_patterns", None)
+    if own is not None:
+        return own(embeddings, present, masks)
+    patterns, batch = present.shape[:2]
+    repeat = lambda t: t.repeat(patterns, *([1] * (t.dim() - 1)))  # noqa: E731
+    joint = model.fuse({k: repeat(z) for k, z in embeddings.items()}, present.flatten(0, 1),
+                       {k: repeat(m) for k, m in (masks or {}).items()})
+    return joint.unflatten(0, (patterns, batch))
 
 
 def pool(embedding, mask=None):

@@ -41,3 +41,18 @@ class LateFusionMLP(ModalImmuneModel):
         parts = [torch.where(present[:, i, None], embeddings[name], self.missing[name].to(embeddings[name].dtype))
                  for i, name in enumerate(self.modalities)]
         return self.fusion(torch.cat(parts, dim=-1))
+
+    def fuse_patterns(self, embeddings, present, masks=None):
+        """``fuse`` under P ``present`` masks ((P, B, M)) at once: (P, B, fused_dim). The fusion's first
+        layer is linear in the concatenation, W [z_1; ...; z_M] = sum_m W_m z_m, so each embedding and
+        each "missing" embedding is projected once (one batched matmul over the modalities), and a
+        pattern only chooses, per modality, which of the two projections it adds: the P copies of the
+        batch never meet W (docs/method_training.md, "Cost of a step")."""
+        first = self.fusion[0]
+        dtype = embeddings[self.modalities[0]].dtype
+        blocks = first.weight.to(dtype).view(first.out_features, len(self.modalities), -1).permute(1, 2, 0)
+        projected = torch.bmm(torch.stack([embeddings[name] for name in self.modalities]), blocks)  # (M, B, d)
+        missing = torch.bmm(torch.stack([self.missing[name].to(dtype) for name in self.modalities])[:, None], blocks)
+        # sum_m (missing_m + present_m (projected_m - missing_m)) + bias
+        joint = torch.einsum("pbm,mbd->pbd", present.to(projected.dtype), projected - missing)
+        return self.fusion[1:](joint + (missing.sum(0) + first.bias).to(joint.dtype))

@@ -11,6 +11,8 @@ from torch import nn
 
 from .base import ModalImmuneModel
 
+PATTERN_BUCKETS = 4  # of rows of similar length in a multi-pattern fusion pass
+
 
 class _Tokenizer(nn.Module):
     def __init__(self, spec, dim, patch):
@@ -48,15 +50,56 @@ class FusionTransformer(ModalImmuneModel):
     def encode(self, batch):
         return {name: tok(batch.inputs[name]) for name, tok in self.encoders.items()}
 
-    def fuse(self, embeddings, present, masks=None):
+    def _tokens(self, embeddings, masks):
+        """The sequence every pattern of the batch starts from: (B, L, dim) tokens (the class token, then
+        each modality's tokens followed by its "missing" token), (B, L) ``real`` (the token masks; true for
+        the class and the missing tokens), and each position's modality (L,) (-1: the class token) and
+        whether it is a missing token (L,)."""
         masks = masks or {}
-        batch = present.shape[0]
-        tokens = [self.cls.expand(batch, -1, -1).to(embeddings[self.modalities[0]].dtype)]
-        keep = [torch.ones(batch, 1, dtype=torch.bool, device=present.device)]
+        first = embeddings[self.modalities[0]]
+        batch, device = first.shape[0], first.device
+        tokens, real = [self.cls.expand(batch, -1, -1).to(first.dtype)], [torch.ones(batch, 1, dtype=torch.bool,
+                                                                                      device=device)]
+        modality, missing = [-1], [False]
         for i, name in enumerate(self.modalities):
             z = embeddings[name]
-            real = masks.get(name, torch.ones(z.shape[:2], dtype=torch.bool, device=z.device))
             tokens += [z, self.missing[i].to(z.dtype).expand(batch, 1, -1)]
-            keep += [real & present[:, i, None], ~present[:, i, None]]
-        out = self.blocks(torch.cat(tokens, 1), src_key_padding_mask=~torch.cat(keep, 1))
-        return self.norm(out[:, 0])
+            real += [masks.get(name, torch.ones(z.shape[:2], dtype=torch.bool, device=device)),
+                     torch.ones(batch, 1, dtype=torch.bool, device=device)]
+            modality += [i] * (z.shape[1] + 1)
+            missing += [False] * z.shape[1] + [True]
+        return (torch.cat(tokens, 1), torch.cat(real, 1), torch.tensor(modality, device=device),
+                torch.tensor(missing, device=device))
+
+    @staticmethod
+    def _keep(real, present, modality, missing):
+        """(..., B, L): the tokens a row attends over under ``present`` (..., B, M): the class token, the
+        real tokens of its present modalities, the missing token of each absent one."""
+        has = present[..., modality.clamp_min(0)] | (modality < 0)
+        return torch.where(missing, ~has, real & has)
+
+    def fuse(self, embeddings, present, masks=None):
+        tokens, real, modality, missing = self._tokens(embeddings, masks)
+        keep = self._keep(real, present, modality, missing)
+        return self.norm(self.blocks(tokens, src_key_padding_mask=~keep)[:, 0])
+
+    def fuse_patterns(self, embeddings, present, masks=None):
+        """``fuse`` under P ``present`` masks ((P, B, M)) at once: (P, B, dim). Each row attends only over
+        the tokens it keeps, so they are packed to the front of its sequence (the blocks act on each
+        token alike, and positions are in the tokens), the rows sorted by that length into at most
+        ``PATTERN_BUCKETS`` buckets, and each bucket's sequences cut at its longest: a pattern with one
+        view alone costs that view's tokens, not the whole sequence (docs/method_training.md, "Cost of a
+        step"). One host read: the buckets' lengths."""
+        tokens, real, modality, missing = self._tokens(embeddings, masks)
+        keep = self._keep(real, present, modality, missing).flatten(0, 1)  # (P * B, L)
+        lengths = keep.sum(1)
+        order = keep.to(torch.uint8).argsort(dim=1, descending=True, stable=True)  # kept tokens first, in order
+        by_length = lengths.argsort()
+        buckets = by_length.tensor_split(min(present.shape[0], PATTERN_BUCKETS))
+        longest = torch.stack([lengths[rows].max() for rows in buckets]).tolist()
+        joint = []
+        for rows, length in zip(buckets, longest):
+            index = order[rows, :length]
+            x = tokens[(rows % tokens.shape[0])[:, None], index]
+            joint.append(self.norm(self.blocks(x, src_key_padding_mask=~keep[rows[:, None], index])[:, 0]))
+        return torch.cat(joint)[by_length.argsort()].unflatten(0, present.shape[:2])

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from ...models.base import eval_mode
+from ...models.base import eval_mode, fuse_patterns
 from ..base import task_loss
 
 
@@ -48,13 +48,9 @@ def head_parameters(model, params, views):
 def pattern_representations(model, embeddings, present, masks, kept):
     """(P, B, d_h): the joint representation of the batch (``embeddings``, ``present``, ``masks``: a
     dict, possibly empty) under each pattern of ``kept`` ((P, M) bool, the modalities each keeps,
-    within what the data has), one fusion pass over the patterns stacked along the batch;
-    differentiable (the measurements call it under ``torch.no_grad``)."""
-    patterns, batch = kept.shape[0], present.shape[0]
-    repeat = lambda t: t.repeat(patterns, *([1] * (t.dim() - 1)))  # noqa: E731
-    joint = model.fuse({k: repeat(z) for k, z in embeddings.items()}, (present[None] & kept[:, None]).flatten(0, 1),
-                       {k: repeat(m) for k, m in masks.items()})
-    return joint.unflatten(0, (patterns, batch))
+    within what the data has), in one :func:`fuse_patterns` pass; differentiable (the measurements
+    call it under ``torch.no_grad``)."""
+    return fuse_patterns(model, embeddings, present[None] & kept[:, None], masks)
 
 
 def pattern_gradients(model, params, views, labels, kept, through_fusion=False):

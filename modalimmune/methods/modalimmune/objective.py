@@ -19,10 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ...models.base import pool
+from ...models.base import fuse_patterns, pool
 from ...ops.effective_rank import effective_rank
 from ..base import distillation_loss, task_loss
-from .learnability import pattern_representations
 
 CONSISTENCIES = ("kl", "representation")
 SINGLE_VIEWS = ("all", "one")
@@ -42,33 +41,39 @@ class SingleViews:
     labels: torch.Tensor
     weights: torch.Tensor
 
+    @classmethod
+    def of(cls, logits, labels, weights):
+        """The rows of the (P * B) ``logits`` of P patterns of a batch, ``weights`` (P, B)."""
+        return cls(logits, labels.repeat(weights.shape[0]), weights.flatten())
+
     def loss(self, logits=None):
         """The term, of these rows' logits or of ``logits`` in their place (the hypergradient's curvature)."""
         logits = self.logits if logits is None else logits
         return (task_loss(logits, self.labels, reduction="none") * self.weights).sum()
 
 
-def single_views(model, views, labels, *, each="all", generator=None):
-    """:class:`SingleViews` of the batch for the single-view term: the sum over the modalities m of the
-    task loss with m alone present, each over the samples that have m (each view weighs as the clean
-    loss does, as each head of the ensemble does), with gradients into the fusion, the head and each
-    encoder (docs/method.md, "Single views"). ``each="all"``: every sample with each of its views
-    alone, one fusion-and-head pass over the M single-view copies of the batch stacked along it, each
-    row weighted 1 / n_m (n_m rows have m). ``each="one"``: every sample with one of its k_b views
-    alone, drawn uniformly (``generator``), one pass over the batch, each row weighted k_b / n_m: the
-    same expectation."""
-    present = views.present
+def single_view_patterns(present, *, each="all", generator=None):
+    """The single-view term's patterns ((P, B, M) ``present`` masks, each row with one of its views alone)
+    and their rows' weights ((P, B)): the term is the sum over the modalities m of the task loss with m
+    alone present, each over the samples that have m (each view weighs as the clean loss does, as each
+    head of the ensemble does), with gradients into the fusion, the head and each encoder (docs/method.md,
+    "Single views"). ``each="all"``: every sample with each of its views alone (P = M), each row
+    weighted 1 / n_m (n_m rows have m). ``each="one"``: every sample with one of its k_b views alone,
+    drawn uniformly (``generator``; P = 1), each row weighted k_b / n_m: the same expectation."""
     counts = present.sum(0).clamp_min(1).float()  # n_m
     if each == "one":
         draw = torch.rand(present.shape, generator=generator, device=present.device).masked_fill(~present, -1)
         alone = torch.zeros_like(present).scatter_(1, draw.argmax(1, keepdim=True), True) & present
-        logits = model.head(model.fuse(views.embeddings, alone, views.masks))
-        return SingleViews(logits, labels, present.sum(1).float() / (alone.float() @ counts).clamp_min(1))
-    M = len(model.modalities)
-    alone = torch.eye(M, dtype=torch.bool, device=present.device)
-    joint = pattern_representations(model, views.embeddings, present, views.masks, alone)
-    weights = present.T.float() / counts[:, None]  # (M, B): 1 / n_m where sample b has m
-    return SingleViews(model.head(joint.flatten(0, 1)), labels.repeat(M), weights.flatten())
+        return alone[None], (present.sum(1).float() / (alone.float() @ counts).clamp_min(1))[None]
+    alone = torch.eye(present.shape[1], dtype=torch.bool, device=present.device)
+    return present[None] & alone[:, None], present.T.float() / counts[:, None]
+
+
+def single_views(model, views, labels, *, each="all", generator=None):
+    """:class:`SingleViews` of the batch (:func:`single_view_patterns`, one :func:`fuse_patterns` pass)."""
+    patterns, weights = single_view_patterns(views.present, each=each, generator=generator)
+    joint = fuse_patterns(model, views.embeddings, patterns, views.masks)
+    return SingleViews.of(model.head(joint.flatten(0, 1)), labels, weights)
 
 
 def single_view_loss(model, views, labels, *, each="all", generator=None):
@@ -118,21 +123,37 @@ class Terms:
 
 @dataclass
 class Outputs:
-    """The model outputs the objective is a function of."""
+    """The model outputs the objective is a function of (``pattern_logits``: of more patterns of the clean
+    embeddings, (P * B, C), when :func:`forward_pair` is given them)."""
 
     joint: torch.Tensor
     logits: torch.Tensor
     joint_tilde: torch.Tensor
     logits_tilde: torch.Tensor
     decoded: dict | None = None
+    pattern_logits: torch.Tensor | None = None
 
 
-def forward_pair(model, clean, perturbed, *, decode=False):
-    """Fusion and head on the ``clean`` and on the ``perturbed`` :class:`Views` (encoders run once, before)."""
-    joint = model.fuse(clean.embeddings, clean.present, clean.masks)
-    joint_tilde = model.fuse(perturbed.embeddings, perturbed.present, perturbed.masks)
+def forward_pair(model, clean, perturbed, *, decode=False, patterns=None):
+    """Fusion and head on the ``clean`` and on the ``perturbed`` :class:`Views` (encoders run once, before)
+    and, given ``patterns`` ((P, B, M) ``present`` masks), on the clean embeddings under each. Where the
+    perturbed views keep the clean embeddings (removal alone: the defaults' full-strength draws) all are
+    one :func:`fuse_patterns` pass and one head pass (docs/method_training.md, "Cost of a step")."""
+    shared = (perturbed.embeddings.keys() == clean.embeddings.keys() and perturbed.masks.keys() == clean.masks.keys()
+              and all(perturbed.embeddings[k] is z for k, z in clean.embeddings.items())
+              and all(perturbed.masks[k] is m for k, m in clean.masks.items()))
+    presents = [clean.present[None]] + ([perturbed.present[None]] if shared else [])
+    presents += [] if patterns is None else [patterns]
+    joint = fuse_patterns(model, clean.embeddings, torch.cat(presents), clean.masks)
+    logits = model.head(joint.flatten(0, 1)).unflatten(0, joint.shape[:2])
+    if shared:
+        joint_tilde, logits_tilde, rest = joint[1], logits[1], 2
+    else:
+        joint_tilde, rest = model.fuse(perturbed.embeddings, perturbed.present, perturbed.masks), 1
+        logits_tilde = model.head(joint_tilde)
     decoded = model.decode(joint_tilde) if decode else None
-    return Outputs(joint, model.head(joint), joint_tilde, model.head(joint_tilde), decoded)
+    return Outputs(joint[0], logits[0], joint_tilde, logits_tilde, decoded,
+                   None if patterns is None else logits[rest:].flatten(0, 1))
 
 
 def objective_terms(outputs, labels, embeddings=None, masks=None, *, erank_k=None, generator=None, erank=None,

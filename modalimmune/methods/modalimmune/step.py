@@ -22,7 +22,7 @@ from .controller import InfoGainController
 from .interventions import Views, intervene
 from .learnability import head_parameters
 from .masker import CurvatureMasker
-from .objective import forward_pair, normalised_effective_rank, objective_terms, single_view_loss
+from .objective import SingleViews, forward_pair, normalised_effective_rank, objective_terms, single_view_patterns
 from .options import Options
 from .tuner import LambdaTuner, fusion_head_parameters
 
@@ -128,7 +128,10 @@ class ModalImmune(Method):
         strengths = self.draw_targets(ctx.batch_rows(len(batch))[0])
         perturbed = self.intervene(clean, strengths, ctx)
         decode = bool(ctx.rec_weight) and getattr(model, "decodes", False)
-        outputs = forward_pair(model, clean, perturbed, decode=decode)
+        singles = options.lambda_single > 0 and len(model.modalities) > 2  # with two, every draw is a single view
+        patterns, weights = (single_view_patterns(clean.present, each=options.single_views, generator=self.generator)
+                             if singles else (None, None))
+        outputs = forward_pair(model, clean, perturbed, decode=decode, patterns=patterns)
         # a guard that is off stays 0 (the hypergradient too): its SVD would only be multiplied by 0
         erank = (normalised_effective_rank(ctx.gather_rows(outputs.joint_tilde), k=options.erank_k,
                                            generator=self.generator)
@@ -136,9 +139,8 @@ class ModalImmune(Method):
         terms = objective_terms(outputs, batch.labels, clean.embeddings, clean.masks, erank=erank,
                                 consistency=options.consistency)
         single, single_share = None, 0.0
-        if options.lambda_single > 0 and len(model.modalities) > 2:  # with two, every draw is a single view
-            single = single_view_loss(model, clean, batch.labels, each=options.single_views,
-                                      generator=self.generator)
+        if singles:
+            single = SingleViews.of(outputs.pattern_logits, batch.labels, weights).loss()
             single_share = self.single_view_share(strengths)
         destructive = terms.destructive(self.tuner.lambdas(), ctx.rec_weight, single, single_share)
         logs = self.masked_gradient(terms.task, destructive, ctx)

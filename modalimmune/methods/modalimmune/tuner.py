@@ -11,7 +11,14 @@ from ...data.missing import random_present
 from ...hypergrad import implicit_hypergradient
 from ...models.base import eval_mode
 from ..base import task_loss
-from .objective import Outputs, forward_pair, normalised_effective_rank, objective_terms, single_views
+from .objective import (
+    Outputs,
+    SingleViews,
+    forward_pair,
+    normalised_effective_rank,
+    objective_terms,
+    single_view_patterns,
+)
 from .options import LAMBDA_NAMES, LOG_LAMBDA_RANGE
 
 HYPER_RMS_DECAY = 0.9  # of the running mean square of the hypergradient that scales phi's steps
@@ -92,11 +99,12 @@ class LambdaTuner:
         ranked = options.lambda_rank > 0  # a guard that is off stays off: no SVD for a weight of 0
 
         def inner_loss():
-            out = forward_pair(model, clean, perturbed, decode=decode)
+            patterns, weights = (single_view_patterns(clean.present, each=options.single_views,
+                                                      generator=self.generator) if single_share else (None, None))
+            out = forward_pair(model, clean, perturbed, decode=decode, patterns=patterns)
             erank = (normalised_effective_rank(out.joint_tilde, k=options.erank_k, generator=self.generator)
                      if ranked else None)
-            single = (single_views(model, clean, labels, each=options.single_views, generator=self.generator)
-                      if single_share else None)
+            single = SingleViews.of(out.pattern_logits, labels, weights) if single_share else None
             optional = [t for t in (erank, single.logits if single else None) if t is not None]
             decoded = list(out.decoded.values()) if decode else []
             outputs = (out.logits, out.logits_tilde, out.joint, out.joint_tilde, *optional, *decoded)
