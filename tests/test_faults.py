@@ -110,7 +110,9 @@ def test_sigterm_stops_at_a_step_boundary_and_resumes_to_the_same_run(tmp_path):
     npz = tmp_path / "tiny.npz"
     np.savez(npz, y=y, seq_lengths=lengths["seq"], **modalities)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "PYTHONWARNINGS": "ignore"}
-    epochs, whole, cut = 4, tmp_path / "whole", tmp_path / "cut"
+    # an epoch of this run is some 30 ms of training: six of them, and a signal within 30 ms of a record,
+    # so that several signals land before the end however fast the machine trains
+    epochs, whole, cut = 6, tmp_path / "whole", tmp_path / "cut"
     command = lambda out: _train_command(npz, out, epochs, checkpoint_every=0)  # noqa: E731 (after each epoch)
     subprocess.run(command(whole), env=env, check=True, capture_output=True, timeout=120)
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
@@ -123,7 +125,7 @@ def test_sigterm_stops_at_a_step_boundary_and_resumes_to_the_same_run(tmp_path):
         if not _wait_for_growth(process, metrics, written):
             assert process.wait() == 0 and _finished(cut, epochs), process.stderr.read().decode()[-2000:]
             break
-        time.sleep(rng.uniform(0, 0.1))
+        time.sleep(rng.uniform(0, 0.03))
         process.send_signal(signal.SIGTERM)
         code, err = process.wait(), process.stderr.read().decode()
         process.stderr.close()
