@@ -332,7 +332,8 @@ def test_a_nonfinite_step_is_skipped_and_leaves_the_method_state_untouched(data,
 
 
 def test_single_view_share_tops_up_what_the_draws_leave_alone(data):
-    """The term weighs lambda_single (1 - q), q the share of the draws that already leave one modality alone."""
+    """``single_share=rest`` (the default): the term weighs lambda_single (1 - q), q the share of the draws
+    that already leave one modality alone."""
     method = build_method("modalimmune")
     strengths = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 0.0, 1.0]],
                              dtype=torch.float64)  # two of the four rows keep one modality of three
@@ -349,3 +350,22 @@ def test_the_single_view_term_is_logged_and_trains_with_three_modalities(data):
     assert (logs["term/single"].item() > 0) == has_term
     off = make(data, "modalimmune[lambda_single=0]")
     assert one_step(off)["term/single"].item() == 0
+
+
+def test_single_share_full_adds_the_whole_term_with_two_modalities_too():
+    """``single_share=full``: the term at l_single on every step, whatever the draws leave
+    alone, so with two modalities (where ``rest`` leaves nothing: q = 1) it is on; the step's loss is, by
+    hand, L_task + l_imm L_imm + l_single L_single (the consistency and the guard off)."""
+    from test_data import tiny_arrays
+
+    from modalimmune.data import MultimodalDataset
+
+    arrays, y, _ = tiny_arrays(n=60)
+    two = MultimodalDataset({"a": arrays["a"], "b": arrays["b"]}, y, name="two")
+    assert one_step(make(two, "modalimmune"))["term/single"].item() == 0
+    logs = one_step(make(two, "modalimmune[single_share=full,lambda_single=0.7]"))
+    assert logs["term/single"].item() > 0 and logs["lambda/single"].item() == pytest.approx(0.7)
+    by_hand = logs["term/task"] + logs["lambda/imm"] * logs["term/immunity"] + 0.7 * logs["term/single"]
+    assert logs["loss"].item() == pytest.approx(by_hand.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="single_share"):
+        build_method("modalimmune[single_share=half]")

@@ -12,6 +12,7 @@ from .objective import CONSISTENCIES, SINGLE_VIEWS
 MASKS = ("hard", "soft", "off")
 HYPERGRADS = ("neumann", "off")
 HYPER_PARAMS = ("fusion_head", "all")
+SINGLE_SHARES = ("rest", "full")
 LAMBDA_NAMES = ("imm", "con", "rank", "single")
 LOG_LAMBDA_RANGE = (math.log(1e-3), math.log(10.0))  # phi is kept inside these bounds
 
@@ -33,6 +34,7 @@ class Options:
     lambda_rank: float = 0.0  # 0: off (docs/method.md, "Defaults and the evidence"); 0.01 when on
     lambda_single: float = 1.0  # each single view alone, each step
     single_views: str = "all"  # all: every view alone (M copies); one: one view alone per sample and step
+    single_share: str = "rest"  # rest: l_single (1 - q), what the draws leave; full: l_single every step, any M
     # controller
     temperature: float = 0.5  # learnability: a share of the largest score; ig: in nats (0.05 was its default)
     epsilon: float = 0.2
@@ -71,7 +73,7 @@ class Options:
         for name, options in (("controller", ESTIMATORS), ("collapse", COLLAPSES), ("mask", MASKS),
                               ("hypergrad", HYPERGRADS), ("intervention", INTERVENTIONS),
                               ("consistency", CONSISTENCIES), ("learn_scale", SCALES),
-                              ("single_views", SINGLE_VIEWS),
+                              ("single_views", SINGLE_VIEWS), ("single_share", SINGLE_SHARES),
                               ("learn_on", ("head", "fusion_head")),
                               ("hyper_params", HYPER_PARAMS)):
             checks.choice(label(name), getattr(self, name), options)

@@ -128,7 +128,8 @@ class ModalImmune(Method):
         strengths = self.draw_targets(ctx.batch_rows(len(batch))[0])
         perturbed = self.intervene(clean, strengths, ctx)
         decode = bool(ctx.rec_weight) and getattr(model, "decodes", False)
-        singles = options.lambda_single > 0 and len(model.modalities) > 2  # with two, every draw is a single view
+        # "rest" with two modalities: every draw already leaves one view alone (q = 1), nothing is left to add
+        singles = options.lambda_single > 0 and (len(model.modalities) > 2 or options.single_share == "full")
         patterns, weights = (single_view_patterns(clean.present, each=options.single_views, generator=self.generator)
                              if singles else (None, None))
         outputs = forward_pair(model, clean, perturbed, decode=decode, patterns=patterns)
@@ -141,7 +142,7 @@ class ModalImmune(Method):
         single, single_share = None, 0.0
         if singles:
             single = SingleViews.of(outputs.pattern_logits, batch.labels, weights).loss()
-            single_share = self.single_view_share(strengths)
+            single_share = self.single_view_share(strengths) if options.single_share == "rest" else 1.0
         destructive = terms.destructive(self.tuner.lambdas(), ctx.rec_weight, single, single_share)
         logs = self.masked_gradient(terms.task, destructive, ctx)
         if (options.hypergrad == "neumann" and ctx.step > 0 and ctx.step % options.hyper_every == 0
