@@ -5,9 +5,10 @@ import math
 
 import pytest
 import torch
-from test_data import single_thread, tiny_dataset  # noqa: F401 (autouse fixture)
+from test_data import single_thread, tiny_arrays, tiny_dataset  # noqa: F401 (autouse fixture)
 
 import modalimmune.methods.modalimmune.tuner as tuner
+from modalimmune.data import MultimodalDataset
 from modalimmune.methods import CurvatureMasker, StepContext, build_method
 from modalimmune.methods.modalimmune import Views
 from modalimmune.methods.modalimmune.options import LOG_LAMBDA_RANGE
@@ -356,10 +357,6 @@ def test_single_share_full_adds_the_whole_term_with_two_modalities_too():
     """``single_share=full``: the term at l_single on every step, whatever the draws leave
     alone, so with two modalities (where ``rest`` leaves nothing: q = 1) it is on; the step's loss is, by
     hand, L_task + l_imm L_imm + l_single L_single (the consistency and the guard off)."""
-    from test_data import tiny_arrays
-
-    from modalimmune.data import MultimodalDataset
-
     arrays, y, _ = tiny_arrays(n=60)
     two = MultimodalDataset({"a": arrays["a"], "b": arrays["b"]}, y, name="two")
     assert one_step(make(two, "modalimmune"))["term/single"].item() == 0

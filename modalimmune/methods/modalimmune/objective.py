@@ -69,16 +69,12 @@ def single_view_patterns(present, *, each="all", generator=None):
     return present[None] & alone[:, None], present.T.float() / counts[:, None]
 
 
-def single_views(model, views, labels, *, each="all", generator=None):
-    """:class:`SingleViews` of the batch (:func:`single_view_patterns`, one :func:`fuse_patterns` pass)."""
+def single_view_loss(model, views, labels, *, each="all", generator=None):
+    """The single-view term by itself (:func:`single_view_patterns`, one :func:`fuse_patterns` pass); the
+    step fuses these patterns with the clean and the damaged ones instead (:func:`forward_pair`)."""
     patterns, weights = single_view_patterns(views.present, each=each, generator=generator)
     joint = fuse_patterns(model, views.embeddings, patterns, views.masks)
-    return SingleViews.of(model.head(joint.flatten(0, 1)), labels, weights)
-
-
-def single_view_loss(model, views, labels, *, each="all", generator=None):
-    """The single-view term (:func:`single_views`)."""
-    return single_views(model, views, labels, each=each, generator=generator).loss()
+    return SingleViews.of(model.head(joint.flatten(0, 1)), labels, weights).loss()
 
 
 def normalised_effective_rank(joint, *, k=None, generator=None):
