@@ -118,3 +118,28 @@ def test_fuse_patterns_of_a_model_without_its_own_stacks_the_batch(data):
     got = fuse_patterns(OnlyFuse(), embeddings, present, masks)
     assert calls == [(20, 3)]
     torch.testing.assert_close(got, model.fuse_patterns(embeddings, present, masks), rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=10, deadline=None)
+@given(depth=st.integers(1, 3), rows=st.integers(1, 7), training=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_transformer_readout_is_the_torch_encoders_class_token(data, depth, rows, training, seed):
+    """The transformer's blocks compute the class token's row alone in the last block: its output is
+    ``nn.TransformerEncoder``'s class token over the whole sequence, values and gradients, in float64
+    (training mode with dropout 0 takes the training path; evaluation mode torch's own)."""
+    torch.manual_seed(seed)
+    model = build_model("transformer", data.spec, data.num_classes, **SMALL["transformer"], depth=depth,
+                        dropout=0.0).double().train(training)
+    embeddings, masks = _double_views(model, data, rows)
+    present = torch.rand(rows, 3) < 0.6
+    tokens, real, modality, missing = model._tokens(embeddings, masks)
+    keep = model._keep(real, present, modality, missing)
+    want = model.norm(model.blocks(tokens, src_key_padding_mask=~keep)[:, 0])
+    got = model.fuse(embeddings, present, masks)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    inputs = [*embeddings.values(), *model.parameters()]
+    weights = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad((got * weights).sum(), inputs, allow_unused=True),
+                    torch.autograd.grad((want * weights).sum(), inputs, allow_unused=True)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)

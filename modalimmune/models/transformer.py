@@ -8,6 +8,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .base import ModalImmuneModel
 
@@ -31,6 +32,21 @@ class _Tokenizer(nn.Module):
         if not self.sequence:
             x = nn.functional.pad(x, (0, self.pad)).unflatten(-1, (-1, self.patch))
         return self.proj(x) + self.position[: x.shape[1]] + self.modality
+
+
+def _encoder_layer(layer, rows, x, keep):
+    """``layer`` (a pre-norm GELU ``nn.TransformerEncoderLayer``) for ``rows``, the first tokens of
+    ``x`` (N, L, dim), each attending over the tokens of ``x`` that ``keep`` (N, L) marks: the
+    layer's own computation, with queries, feed-forward and dropout for those rows only."""
+    attention, dim = layer.self_attn, x.shape[-1]
+    normed = layer.norm1(x)
+    query = F.linear(normed[:, : rows.shape[1]], attention.in_proj_weight[:dim], attention.in_proj_bias[:dim])
+    key, value = F.linear(normed, attention.in_proj_weight[dim:], attention.in_proj_bias[dim:]).chunk(2, -1)
+    q, k, v = (t.unflatten(-1, (attention.num_heads, -1)).transpose(1, 2) for t in (query, key, value))
+    mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :],
+                                           dropout_p=attention.dropout if layer.training else 0.0)
+    rows = rows + layer.dropout1(attention.out_proj(mixed.transpose(1, 2).flatten(2)))
+    return rows + layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(layer.norm2(rows))))))
 
 
 class FusionTransformer(ModalImmuneModel):
@@ -78,10 +94,18 @@ class FusionTransformer(ModalImmuneModel):
         has = present[..., modality.clamp_min(0)] | (modality < 0)
         return torch.where(missing, ~has, real & has)
 
+    def _readout(self, tokens, keep):
+        """The normed class token (N, dim) after the blocks over ``tokens`` (N, L, dim) under ``keep``.
+        The readout reads the class token only, so the last block computes that one row: every token's
+        key and value, the class token's query and feed-forward (docs/benchmark.md, "Models")."""
+        *first, last = self.blocks.layers
+        for layer in first:
+            tokens = _encoder_layer(layer, tokens, tokens, keep)
+        return self.norm(_encoder_layer(last, tokens[:, :1], tokens, keep)[:, 0])
+
     def fuse(self, embeddings, present, masks=None):
         tokens, real, modality, missing = self._tokens(embeddings, masks)
-        keep = self._keep(real, present, modality, missing)
-        return self.norm(self.blocks(tokens, src_key_padding_mask=~keep)[:, 0])
+        return self._readout(tokens, self._keep(real, present, modality, missing))
 
     def fuse_patterns(self, embeddings, present, masks=None):
         """``fuse`` under P ``present`` masks ((P, B, M)) at once: (P, B, dim). Each row attends only over
@@ -100,6 +124,5 @@ class FusionTransformer(ModalImmuneModel):
         joint = []
         for rows, length in zip(buckets, longest):
             index = order[rows, :length]
-            x = tokens[(rows % tokens.shape[0])[:, None], index]
-            joint.append(self.norm(self.blocks(x, src_key_padding_mask=~keep[rows[:, None], index])[:, 0]))
+            joint.append(self._readout(tokens[(rows % tokens.shape[0])[:, None], index], keep[rows[:, None], index]))
         return torch.cat(joint)[by_length.argsort()].unflatten(0, present.shape[:2])
