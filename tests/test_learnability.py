@@ -1,12 +1,16 @@
 """The learnability controller: a_S = grad L_S(train) . grad L_S(val) on the head, per missing pattern."""
 
+import warnings
+
 import pytest
 import torch
 from test_controller import ToyModel, toy_batch
+from test_data import tiny_dataset
 
 from modalimmune.methods.modalimmune import Views
 from modalimmune.methods.modalimmune.controller import InfoGainController
 from modalimmune.methods.modalimmune.learnability import head_parameters, learnability, pattern_gradients
+from modalimmune.models import build_model
 
 DIMS = {"a": 3, "b": 2, "c": 4}
 
@@ -50,6 +54,27 @@ def test_pattern_gradients_through_the_fusion_match_a_float64_loop():
         loss = torch.nn.functional.cross_entropy(model64.head(model64.fuse(embeddings, views[0].present & row)),
                                                  labels[0])
         want = torch.cat([x.flatten() for x in torch.autograd.grad(loss, params)])
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6)
+
+
+def test_pattern_gradients_through_a_transformers_fusion_are_vectorised():
+    """Attention under ``vmap``: the per-pattern gradients through the fusion transformer match a
+    loop and vmap falls back to no loop of its own (torch warns when it does)."""
+    torch.manual_seed(0)
+    data = tiny_dataset()
+    model = build_model("transformer", data.spec, data.num_classes, dim=16, heads=2, patch=4).eval()
+    batch = data.batch(data.indices("train")[:9])
+    views = Views({k: z.detach() for k, z in model.encode(batch).items()}, model.all_present(batch), batch.masks)
+    labels, kept = batch.labels, torch.tensor([[True, False, True], [False, True, False], [True, True, True]])
+    params = list(model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a batching-rule fallback is a UserWarning
+        got = pattern_gradients(model, params, views, labels, kept, through_fusion=True)
+    for row, g in zip(kept, got):
+        loss = torch.nn.functional.cross_entropy(model.head(model.fuse(views.embeddings, views.present & row,
+                                                                       views.masks)), labels)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        want = torch.cat([(torch.zeros_like(p) if x is None else x).flatten() for x, p in zip(grads, params)])
         torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6)
 
 
