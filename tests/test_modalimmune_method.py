@@ -249,7 +249,7 @@ def test_resume_restores_the_whole_method_state(data, tmp_path):
     ("modalimmune[lambda_imm=-1]", "lambda_imm"), ("modalimmune[hyper_every=0]", "hyper_every"),
     ("modalimmune[val_drop=1]", "val_drop"), ("modalimmune[hyper_rel_damping=-0.5]", "hyper_rel_damping"),
     ("modalimmune[ig_samples=-1]", "ig_samples"), ("modalimmune[joint_targets=2]", "joint_targets"),
-    ("modalimmune[speed=2]", "speed")])
+    ("modalimmune[speed=2]", "speed"), ("modalimmune[blank_share=1.5]", "blank_share")])
 def test_bad_options(spec, name):
     with pytest.raises((ValueError, TypeError), match=name):
         build_method(spec)
@@ -290,6 +290,23 @@ def test_per_sample_targets_damage_only_their_rows(data):
     drawn = trainer.method.draw_targets(16)
     assert drawn.shape == (16, len(data.modalities)) and ((drawn > 0).sum(1) >= 1).all()
     assert len({tuple(row) for row in (drawn > 0).tolist()}) > 1  # the samples draw their own subsets
+
+
+def test_blank_share_keeps_removed_targets_present_with_the_batch_mean(data):
+    """``blank_share``: each removed target is either removed (absent, its embedding untouched) or blanked
+    (present, its embedding the batch's mean one), never both; untargeted rows and modalities are untouched."""
+    def fill(strengths):
+        strengths[:12, 0] = 1.0
+    trainer = make(data, "modalimmune[hypergrad=off,per_sample=true,blank_share=0.5]")
+    embeddings, _, out, out_present = intervened(trainer, fill)
+    first = data.modalities[0]
+    z, got, kept = embeddings[first], out[first], out_present[:, 0]
+    mean = z.mean(0, keepdim=True).expand_as(z)
+    blanked = kept[:12]
+    assert torch.equal(got[:12][blanked], mean[:12][blanked]) and torch.equal(got[:12][~blanked], z[:12][~blanked])
+    assert torch.equal(got[12:], z[12:]) and kept[12:].all() and out_present[:, 1:].all()
+    assert 0 < blanked.sum() < 12  # both kinds (the method's generator is seeded)
+    assert all(out[name] is embeddings[name] for name in data.modalities[1:])
 
 
 def method_state(method):

@@ -112,15 +112,24 @@ def token_dropout(z, mask, rate, *, generator=None):
     return z * keep[..., None].to(z.dtype), keep
 
 
-def intervene(views, strengths, names, *, kind="collapse", collapse_mode="spectral", generator=None, ctx=None):
+def blank(z):
+    """Every sample's embedding replaced by the batch's mean one (rows of a pooled matrix, each token position
+    of token embeddings): the view is there and carries nothing of its sample."""
+    return z.mean(0, keepdim=True).expand_as(z)
+
+
+def intervene(views, strengths, names, *, kind="collapse", collapse_mode="spectral", generator=None, ctx=None,
+              blank_share=0.0):
     """The perturbed :class:`Views` of ``views``: ``strengths`` is a CPU (B, M) float64 matrix giving
     each sample's targets and their strength (0: untouched), ``names`` the modalities in its column
     order, ``kind`` one of ``INTERVENTIONS``. A modality's strength is the same for all the samples
     that target it (the controller's s_m), so its damaged embedding is computed once (for pooled
     embeddings over the whole batch, whose rows are the samples) and kept on the targeted rows;
     with ``kind="collapse"`` a strength of 1 is removal (``present = False``, the model's own
-    missing handling). Under data parallelism (``ctx``) B is the global micro-batch: the damage is
-    computed on its gathered rows and this rank keeps its own. The decisions read only host data."""
+    missing handling); with ``blank_share`` each removed target is instead, with that probability,
+    kept present with its embedding :func:`blank`-ed (docs/method.md, "Blank views"; drawn on the
+    device). Under data parallelism (``ctx``) B is the global micro-batch: the damage is computed on
+    its gathered rows and this rank keeps its own. No decision reads device data back to the host."""
     embeddings, present, masks = dict(views.embeddings), views.present.clone(), dict(views.masks)
     gather, ours = (ctx.gather_rows, ctx.batch_rows(present.shape[0])[1]) if ctx else (lambda x: x, slice(None))
     targeted = strengths.numpy() > 0
@@ -129,6 +138,11 @@ def intervene(views, strengths, names, *, kind="collapse", collapse_mode="spectr
         name, strength = names[m], float(top[m])
         rows = torch.from_numpy(targeted[:, m]).to(present.device)
         if kind == "remove" or (kind == "collapse" and strength >= 1):
+            if blank_share > 0:
+                z = gather(embeddings[name])
+                blanked = rows & (torch.rand(rows.shape, generator=generator, device=rows.device) < blank_share)
+                embeddings[name] = torch.where(blanked.view(-1, *([1] * (z.dim() - 1))), blank(z), z)[ours]
+                rows = rows & ~blanked
             present[:, m] &= ~rows[ours]
             continue
         z = gather(embeddings[name])

@@ -118,7 +118,8 @@ class ModalImmune(Method):
     def intervene(self, views, strengths, ctx=None):
         """The perturbed views of this step (:func:`interventions.intervene` with the method's options)."""
         return intervene(views, strengths, self.controller.modalities, kind=self.options.intervention,
-                         collapse_mode=self.options.collapse, generator=self.generator, ctx=ctx)
+                         collapse_mode=self.options.collapse, generator=self.generator, ctx=ctx,
+                         blank_share=self.options.blank_share)
 
     def training_step(self, model, batch, ctx):
         options = self.options
