@@ -118,6 +118,11 @@ def blank(z):
     return z.mean(0, keepdim=True).expand_as(z)
 
 
+def _on_rows(rows, damaged, z):
+    """``damaged`` on the samples ``rows`` (B,) marks, ``z`` on the others."""
+    return torch.where(rows.view(-1, *([1] * (z.dim() - 1))), damaged, z)
+
+
 def intervene(views, strengths, names, *, kind="collapse", collapse_mode="spectral", generator=None, ctx=None,
               blank_share=0.0):
     """The perturbed :class:`Views` of ``views``: ``strengths`` is a CPU (B, M) float64 matrix giving
@@ -141,7 +146,7 @@ def intervene(views, strengths, names, *, kind="collapse", collapse_mode="spectr
             if blank_share > 0:
                 z = gather(embeddings[name])
                 blanked = rows & (torch.rand(rows.shape, generator=generator, device=rows.device) < blank_share)
-                embeddings[name] = torch.where(blanked.view(-1, *([1] * (z.dim() - 1))), blank(z), z)[ours]
+                embeddings[name] = _on_rows(blanked, blank(z), z)[ours]
                 rows = rows & ~blanked
             present[:, m] &= ~rows[ours]
             continue
@@ -159,7 +164,7 @@ def intervene(views, strengths, names, *, kind="collapse", collapse_mode="spectr
         else:
             continue
         if not targeted[:, m].all():
-            damaged = torch.where(rows.view(-1, *([1] * (z.dim() - 1))), damaged, z)
+            damaged = _on_rows(rows, damaged, z)
         embeddings[name] = damaged[ours]
     # a sample whose targets are every modality it has (natural missingness) keeps them
     emptied = ~present.any(1, keepdim=True)
