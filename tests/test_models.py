@@ -76,13 +76,15 @@ def _double_views(model, data, rows):
 
 @pytest.mark.parametrize("name", ["mlp", "transformer"])
 @settings(max_examples=12, deadline=None)
-@given(patterns=st.integers(1, 6), rows=st.integers(1, 9), seed=st.integers(0, 2**31 - 1))
-def test_fuse_patterns_is_fuse_under_each_pattern(data, name, patterns, rows, seed):
+@given(patterns=st.integers(1, 6), rows=st.integers(1, 9), depth=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
+def test_fuse_patterns_is_fuse_under_each_pattern(data, name, patterns, rows, depth, seed):
     """The law of the multi-pattern pass: ``fuse_patterns(Z, P)[p] == fuse(Z, P[p])`` for every
     pattern, values and gradients (into the embeddings and every parameter), in float64, for random
-    masks (rows with nothing present, with everything, the sequence's own padding)."""
+    masks (rows with nothing present, with everything, the sequence's own padding) and, for the
+    transformer, any depth."""
     torch.manual_seed(seed)
-    model = build_model(name, data.spec, data.num_classes, **SMALL[name]).double().eval()
+    model = build_model(name, data.spec, data.num_classes, **SMALL[name],
+                        **({"depth": depth} if name == "transformer" else {})).double().eval()
     if name == "mlp":
         for missing in model.missing.values():
             torch.nn.init.normal_(missing)
