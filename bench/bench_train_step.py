@@ -6,7 +6,8 @@ AdamW) for each variant. ``--frozen``: the encoders frozen (their parameters
 do not train), the setting of pretrained encoders whose embeddings are cached.
 The design floor is the step with nothing but what every step of the design
 requires (the second fusion pass with the drawn patterns removed, the
-single-view term's M stacked fusion passes, one backward):
+single-view term's patterns: every view alone where the model's patterns are
+cheap, one view per sample elsewhere, ``single_views=auto``; one backward):
 the defaults' step, whose draw is the uniform one with no periodic measurement.
 The variants with a periodic measurement (the learnability controller) are
 counted over it. Times are block means over ``ig_every`` steps, so the periodic
@@ -29,7 +30,8 @@ from modalimmune.train import Trainer  # noqa: E402
 
 VARIANTS = [("erm", "erm"), ("moddrop", "moddrop"), ("modalimmune (defaults: the design floor)", "modalimmune"),
             ("  lambda_single=0 (no single-view term)", "modalimmune[lambda_single=0]"),
-            ("  single_views=one (one view alone per sample)", "modalimmune[single_views=one]"),
+            ("  single_views=all (every view alone: the MLP's auto)", "modalimmune[single_views=all]"),
+            ("  single_views=one (one view alone per sample: the transformer's auto)", "modalimmune[single_views=one]"),
             ("  lambda_rank=0.01 (the effective rank on)", "modalimmune[lambda_rank=0.01]"),
             ("  lambda_con=0.1 (the consistency on)", "modalimmune[lambda_con=0.1]"),
             ("  with mask=hard", "modalimmune[mask=hard]"),

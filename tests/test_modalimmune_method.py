@@ -370,6 +370,21 @@ def test_the_single_view_term_is_logged_and_trains_with_three_modalities(data):
     assert one_step(off)["term/single"].item() == 0
 
 
+def test_single_views_auto_stacks_the_views_only_where_patterns_are_cheap(data):
+    """``single_views=auto`` (the default): every view alone (``all``) with the late-fusion MLP, whose
+    patterns share its first layer; one view per sample (``one``) with the transformer and with a model
+    that does not say its patterns are cheap; a declared choice is kept; the declared options stay."""
+    for model, want in (("mlp", "all"), ("transformer", "one")):
+        trainer = make(data, "modalimmune", model=model)
+        assert trainer.method.options.single_views == want and trainer.method.declared.single_views == "auto"
+        assert make(data, "modalimmune[single_views=all]", model=model).method.options.single_views == "all"
+    plug_in = build_model("mlp", data.spec, data.num_classes, **SMALL_MODELS["mlp"])
+    plug_in.cheap_patterns = False
+    assert build_method("modalimmune").declared.for_model(plug_in).single_views == "one"
+    with pytest.raises(ValueError, match="single_views"):
+        build_method("modalimmune[single_views=some]")
+
+
 def test_single_share_full_adds_the_whole_term_with_two_modalities_too():
     """``single_share=full``: the term at l_single on every step, whatever the draws leave
     alone, so with two modalities (where ``rest`` leaves nothing: q = 1) it is on; the step's loss is, by

@@ -1,5 +1,7 @@
 """The ready models follow the model contract (docs/benchmark.md, "Models")."""
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -8,6 +10,7 @@ from test_data import single_thread, tiny_dataset  # noqa: F401 (autouse fixture
 
 from modalimmune.models import build_model, pool
 from modalimmune.models.base import fuse_patterns
+from modalimmune.models.transformer import length_buckets
 
 SMALL = {"mlp": dict(hidden=16, embed_dim=8, fused_dim=12), "transformer": dict(dim=16, heads=2, patch=4)}
 
@@ -101,6 +104,26 @@ def test_fuse_patterns_is_fuse_under_each_pattern(data, name, patterns, rows, de
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def _fewest_padded_tokens(lengths, most):
+    """By enumeration: the fewest padded tokens of ascending ``lengths`` in at most ``most`` consecutive
+    buckets, each cut at its longest."""
+    n = len(lengths)
+    return min(sum(lengths[end - 1] * (end - start) for start, end in zip((0, *cuts), (*cuts, n)))
+               for k in range(min(most, n)) for cuts in itertools.combinations(range(1, n), k))
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=9).map(sorted), most=st.integers(1, 5))
+def test_length_buckets_pad_the_fewest_tokens(lengths, most):
+    """The transformer's buckets of rows by length: at most ``most`` consecutive ones covering every row,
+    each reported at its longest row, with the fewest padded tokens of any such split."""
+    sizes, longest = length_buckets(lengths, most)
+    assert len(sizes) <= most and sum(sizes) == len(lengths) and min(sizes) > 0
+    ends = list(itertools.accumulate(sizes))
+    assert longest == [lengths[end - 1] for end in ends]
+    assert sum(s * top for s, top in zip(sizes, longest)) == _fewest_padded_tokens(lengths, most)
 
 
 def test_fuse_patterns_of_a_model_without_its_own_stacks_the_batch(data):

@@ -7,7 +7,9 @@ A model has named modalities and
   token embeddings (``batch.masks``);
 - optionally ``fuse_patterns(embeddings, present, masks=None) -> (P, B, d_h)``, the
   same batch fused under P ``present`` masks ``(P, B, M)`` at once (without it,
-  :func:`fuse_patterns` stacks P copies of the batch through ``fuse``);
+  :func:`fuse_patterns` stacks P copies of the batch through ``fuse``), and ``cheap_patterns``
+  true where a pattern there costs far less than a ``fuse`` of the batch (ModalImmune's
+  ``single_views=auto`` reads it; false when absent);
 - ``head(H) -> logits`` and optionally ``decode(H) -> {name: Ẑ}``, the pooled
   embedding of each modality reconstructed from the joint one;
 - ``all_present(batch) -> present``: the ``(B, M)`` mask of the batch as it comes,
@@ -65,6 +67,7 @@ class ModalImmuneModel(nn.Module):
     """
 
     decodes = False
+    cheap_patterns = False  # fuse_patterns shares the fusion's work across the patterns (the module docstring)
 
     def __init__(self, modalities):
         super().__init__()

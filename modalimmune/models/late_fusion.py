@@ -25,6 +25,8 @@ class ModalityEncoder(nn.Module):
 
 
 class LateFusionMLP(ModalImmuneModel):
+    cheap_patterns = True  # fuse_patterns projects each embedding once; a pattern adds its GELU and head rows
+
     def __init__(self, spec, num_classes, *, embed_dim=64, hidden=128, fused_dim=128, dropout=0.1, decode=False):
         super().__init__(spec)
         self.config = dict(embed_dim=embed_dim, hidden=hidden, fused_dim=fused_dim, dropout=dropout, decode=decode)

@@ -6,13 +6,37 @@ representation. A missing modality's tokens are masked out and its learned
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from .base import ModalImmuneModel
 
-PATTERN_BUCKETS = 4  # of rows of similar length in a multi-pattern fusion pass
+PATTERN_BUCKETS = 4  # at most, of rows of similar length in a multi-pattern fusion pass
+
+
+def length_buckets(lengths, most=PATTERN_BUCKETS):
+    """The sizes of at most ``most`` consecutive buckets of the ascending ``lengths`` (a host sequence of
+    ints) that cut each bucket at its longest with the fewest padded tokens, sum(size * longest): a
+    dynamic programme over the distinct lengths (a bucket boundary between two equal lengths never helps).
+    Returns (sizes, longest), two lists of ints."""
+    values, counts = np.unique(np.asarray(lengths, dtype=np.int64), return_counts=True)
+    n, rows = len(values), np.r_[0, np.cumsum(counts)]
+    first, end = np.arange(n)[:, None], np.arange(1, n + 1)[None]
+    cost = np.where(first < end, values[end - 1] * (rows[end] - rows[first]), np.inf)  # one bucket: first..end-1
+    best = np.r_[0.0, np.full(n, np.inf)]  # [i]: the fewest padded tokens of the i shortest lengths so far
+    starts, totals = [], []
+    for _ in range(min(most, n)):
+        total = best[:-1, None] + cost
+        starts.append(total.argmin(0))
+        best = np.r_[np.inf, total.min(0)]
+        totals.append(best[-1])
+    ends = [n]
+    for start in reversed(starts[: int(np.argmin(totals)) + 1]):  # the fewest buckets that reach the least
+        ends.insert(0, int(start[ends[0] - 1]))
+    ends = np.array(ends)
+    return np.diff(rows[ends]).tolist(), values[ends[1:] - 1].tolist()
 
 
 class _Tokenizer(nn.Module):
@@ -111,18 +135,17 @@ class FusionTransformer(ModalImmuneModel):
         """``fuse`` under P ``present`` masks ((P, B, M)) at once: (P, B, dim). Each row attends only over
         the tokens it keeps, so they are packed to the front of its sequence (the blocks act on each
         token alike, and positions are in the tokens), the rows sorted by that length into at most
-        ``PATTERN_BUCKETS`` buckets, and each bucket's sequences cut at its longest: a pattern with one
-        view alone costs that view's tokens, not the whole sequence (docs/method_training.md, "Cost of a
-        step"). One host read: the buckets' lengths."""
+        ``PATTERN_BUCKETS`` buckets with the fewest padded tokens (:func:`length_buckets`), and each bucket's
+        sequences cut at its longest: a pattern with one view alone costs that view's tokens, not the whole
+        sequence (docs/method_training.md, "Cost of a step"). One host read: the rows' lengths."""
         tokens, real, modality, missing = self._tokens(embeddings, masks)
         keep = self._keep(real, present, modality, missing).flatten(0, 1)  # (P * B, L)
         lengths = keep.sum(1)
         order = keep.to(torch.uint8).argsort(dim=1, descending=True, stable=True)  # kept tokens first, in order
-        by_length = lengths.argsort()
-        buckets = by_length.tensor_split(min(present.shape[0], PATTERN_BUCKETS))
-        longest = torch.stack([lengths[rows].max() for rows in buckets]).tolist()
+        ascending, by_length = lengths.sort(stable=True)
+        sizes, longest = length_buckets(ascending.tolist())
         joint = []
-        for rows, length in zip(buckets, longest):
+        for rows, length in zip(by_length.split(sizes), longest):
             index = order[rows, :length]
             joint.append(self._readout(tokens[(rows % tokens.shape[0])[:, None], index], keep[rows[:, None], index]))
         return torch.cat(joint)[by_length.argsort()].unflatten(0, present.shape[:2])

@@ -1,7 +1,7 @@
 """The options of ``method="modalimmune[...]"``, validated once (docs/method_training.md, "Options")."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ... import checks
 from ..base import option_label
@@ -33,7 +33,7 @@ class Options:
     lambda_con: float = 0.0  # 0: off (docs/method.md, "Defaults and the evidence"); 0.1 when on
     lambda_rank: float = 0.0  # 0: off (docs/method.md, "Defaults and the evidence"); 0.01 when on
     lambda_single: float = 1.0  # each single view alone, each step
-    single_views: str = "all"  # all: every view alone (M copies); one: one view alone per sample and step
+    single_views: str = "auto"  # all: every view alone (M copies); one: one view alone per sample; auto: for_model
     single_share: str = "rest"  # rest: l_single (1 - q), what the draws leave; full: l_single every step, any M
     blank_share: float = 0.0  # of the removed targets: kept present, their embedding the batch's mean (no sample in it)
     # controller
@@ -74,7 +74,7 @@ class Options:
         for name, options in (("controller", ESTIMATORS), ("collapse", COLLAPSES), ("mask", MASKS),
                               ("hypergrad", HYPERGRADS), ("intervention", INTERVENTIONS),
                               ("consistency", CONSISTENCIES), ("learn_scale", SCALES),
-                              ("single_views", SINGLE_VIEWS), ("single_share", SINGLE_SHARES),
+                              ("single_views", ("auto", *SINGLE_VIEWS)), ("single_share", SINGLE_SHARES),
                               ("learn_on", ("head", "fusion_head")),
                               ("hyper_params", HYPER_PARAMS)):
             checks.choice(label(name), getattr(self, name), options)
@@ -93,6 +93,14 @@ class Options:
             checks.integer(label(name), getattr(self, name), 0)
         for name in ("joint_targets", "per_sample", "learn_shrink"):
             checks.flag(label(name), getattr(self, name))
+
+    def for_model(self, model):
+        """These options for ``model``: ``single_views="auto"`` is ``all`` where the model's patterns are
+        cheap (its ``cheap_patterns``: the M stacked single views cost little beyond their head rows) and
+        ``one`` elsewhere, where each pattern costs about a fusion pass (docs/method.md, "Single views")."""
+        if self.single_views != "auto":
+            return self
+        return replace(self, single_views="all" if getattr(model, "cheap_patterns", False) else "one")
 
     def initial_phi(self):
         """phi = (log l_imm, log l_con, log l_rank, log l_single), each inside ``LOG_LAMBDA_RANGE`` (a weight

@@ -40,7 +40,7 @@ class ModalImmune(Method):
     reduces_gradients = True
 
     def __init__(self, **options):
-        self.options = Options(**options)
+        self.declared = self.options = Options(**options)  # options: the declared ones resolved for the model
 
     def check(self, modalities, task="classification"):
         self._controller(modalities, 0, task)
@@ -54,6 +54,7 @@ class ModalImmune(Method):
 
     def setup(self, model, env):
         super().setup(model, env)
+        self.options = self.declared.for_model(model)
         options, seed = self.options, env.seed
         self.controller = self._controller(model.modalities, seed + 104729, env.task)
         self.params = list(env.params)
