@@ -163,8 +163,9 @@ def test_torchrun_cli_trains_and_resumes(tmp_path):
 
 
 @pytest.mark.parametrize("method", [
-    "modalimmune",  # the defaults: the learnability controller (a measurement linear in the rows' gradient)
+    "modalimmune",  # the defaults
     "modalimmune[hyper_every=2,hypergrad=neumann,mask=hard]",
+    "modalimmune[single_views=one]",  # the transformer's default: one view per sample, drawn over the global batch
     # partial collapse (the SVD over the gathered rows), the IG controller, noise, no mask
     "modalimmune[hyper_every=2,hypergrad=neumann,s_min=0.5,s_max=0.5,controller=ig,mask=soft]",
     "modalimmune[hyper_every=3,hypergrad=neumann,intervention=noise,s_min=0.3,s_max=0.6,controller=ig,per_sample=false]",

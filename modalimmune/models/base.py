@@ -67,7 +67,7 @@ class ModalImmuneModel(nn.Module):
     """
 
     decodes = False
-    cheap_patterns = False  # fuse_patterns shares the fusion's work across the patterns (the module docstring)
+    cheap_patterns = False  # True: fuse_patterns shares the fusion's work across the patterns (module docstring)
 
     def __init__(self, modalities):
         super().__init__()

@@ -22,6 +22,8 @@ def length_buckets(lengths, most=PATTERN_BUCKETS):
     dynamic programme over the distinct lengths (a bucket boundary between two equal lengths never helps).
     Returns (sizes, longest), two lists of ints."""
     values, counts = np.unique(np.asarray(lengths, dtype=np.int64), return_counts=True)
+    if not len(values):
+        return [], []
     n, rows = len(values), np.r_[0, np.cumsum(counts)]
     first, end = np.arange(n)[:, None], np.arange(1, n + 1)[None]
     cost = np.where(first < end, values[end - 1] * (rows[end] - rows[first]), np.inf)  # one bucket: first..end-1

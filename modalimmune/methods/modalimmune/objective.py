@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ... import checks
 from ...models.base import fuse_patterns, pool
 from ...ops.effective_rank import effective_rank
 from ..base import distillation_loss, task_loss
@@ -60,6 +61,7 @@ def single_view_patterns(present, *, each="all", generator=None):
     "Single views"). ``each="all"``: every sample with each of its views alone (P = M), each row
     weighted 1 / n_m (n_m rows have m). ``each="one"``: every sample with one of its k_b views alone,
     drawn uniformly (``generator``; P = 1), each row weighted k_b / n_m: the same expectation."""
+    checks.choice("each", each, SINGLE_VIEWS)
     counts = present.sum(0).clamp_min(1).float()  # n_m
     if each == "one":
         draw = torch.rand(present.shape, generator=generator, device=present.device).masked_fill(~present, -1)

@@ -32,7 +32,7 @@ class Options:
     lambda_imm: float = 3.0
     lambda_con: float = 0.0  # 0: off (docs/method.md, "Defaults and the evidence"); 0.1 when on
     lambda_rank: float = 0.0  # 0: off (docs/method.md, "Defaults and the evidence"); 0.01 when on
-    lambda_single: float = 1.0  # each single view alone, each step
+    lambda_single: float = 1.0  # the single-view term (docs/method.md, "Single views")
     single_views: str = "auto"  # all: every view alone (M copies); one: one view alone per sample; auto: for_model
     single_share: str = "rest"  # rest: l_single (1 - q), what the draws leave; full: l_single every step, any M
     blank_share: float = 0.0  # of the removed targets: kept present, their embedding the batch's mean (no sample in it)

@@ -132,8 +132,7 @@ class ModalImmune(Method):
         decode = bool(ctx.rec_weight) and getattr(model, "decodes", False)
         # "rest" with two modalities: every draw already leaves one view alone (q = 1), nothing is left to add
         singles = options.lambda_single > 0 and (len(model.modalities) > 2 or options.single_share == "full")
-        patterns, weights = (single_view_patterns(clean.present, each=options.single_views, generator=self.generator)
-                             if singles else (None, None))
+        patterns, weights = self.single_view_rows(clean.present, ctx) if singles else (None, None)
         outputs = forward_pair(model, clean, perturbed, decode=decode, patterns=patterns)
         # a guard that is off stays 0 (the hypergradient too): its SVD would only be multiplied by 0
         erank = (normalised_effective_rank(ctx.gather_rows(outputs.joint_tilde), k=options.erank_k,
@@ -157,6 +156,16 @@ class ModalImmune(Method):
         logs.update({f"target/{n}": s for n, s in zip(model.modalities, strengths.mean(0).unbind())})
         logs.update(self.tuner.lambda_log())
         return logs
+
+    def single_view_rows(self, present, ctx):
+        """The single-view term's patterns and weights for this rank's rows (:func:`single_view_patterns`):
+        drawn over the global micro-batch (``ctx.gather_rows``: the same draw and the same n_m on every rank,
+        as in one process), this rank's rows kept, their weights over its share (``ctx.rank_weight``), so
+        that the ranks' gradients, combined by that share, are the one process's."""
+        patterns, weights = single_view_patterns(ctx.gather_rows(present), each=self.options.single_views,
+                                                 generator=self.generator)
+        ours = ctx.batch_rows(present.shape[0])[1]
+        return patterns[:, ours], weights[:, ours] / ctx.rank_weight
 
     def single_view_share(self, strengths):
         """1 - q, q the share of this step's draws that already leave one modality alone (``strengths``: the
