@@ -381,6 +381,21 @@ def test_single_views_auto_stacks_the_views_only_where_patterns_are_cheap(data):
     plug_in = build_model("mlp", data.spec, data.num_classes, **SMALL_MODELS["mlp"])
     plug_in.cheap_patterns = False
     assert build_method("modalimmune").declared.for_model(plug_in).single_views == "one"
+    assert build_method("modalimmune").declared.for_model(torch.nn.Linear(2, 2)).single_views == "one"  # no flag
+
+
+def test_the_step_draws_the_single_views_the_model_resolves_to(data, monkeypatch):
+    """The transformer's step under the defaults fuses one single-view pattern (P = 1) with the clean and
+    damaged ones; the MLP's fuses M = 3."""
+    import modalimmune.methods.modalimmune.objective as objective
+    seen = []
+    original = objective.fuse_patterns
+    monkeypatch.setattr(objective, "fuse_patterns", lambda m, z, present, masks: seen.append(len(present))
+                        or original(m, z, present, masks))
+    for model, patterns in (("transformer", 1), ("mlp", 3)):
+        seen.clear()
+        one_step(make(data, "modalimmune", model=model))
+        assert seen == [2 + patterns], (model, seen)
     with pytest.raises(ValueError, match="single_views"):
         build_method("modalimmune[single_views=some]")
 
