@@ -7,6 +7,7 @@ import pytest
 import torch
 from test_data import single_thread, tiny_arrays, tiny_dataset  # noqa: F401 (autouse fixture)
 
+import modalimmune.methods.modalimmune.objective as objective
 import modalimmune.methods.modalimmune.tuner as tuner
 from modalimmune.data import MultimodalDataset
 from modalimmune.methods import CurvatureMasker, StepContext, build_method
@@ -382,12 +383,13 @@ def test_single_views_auto_stacks_the_views_only_where_patterns_are_cheap(data):
     plug_in.cheap_patterns = False
     assert build_method("modalimmune").declared.for_model(plug_in).single_views == "one"
     assert build_method("modalimmune").declared.for_model(torch.nn.Linear(2, 2)).single_views == "one"  # no flag
+    with pytest.raises(ValueError, match="single_views"):
+        build_method("modalimmune[single_views=some]")
 
 
 def test_the_step_draws_the_single_views_the_model_resolves_to(data, monkeypatch):
     """The transformer's step under the defaults fuses one single-view pattern (P = 1) with the clean and
     damaged ones; the MLP's fuses M = 3."""
-    import modalimmune.methods.modalimmune.objective as objective
     seen = []
     original = objective.fuse_patterns
     monkeypatch.setattr(objective, "fuse_patterns", lambda m, z, present, masks: seen.append(len(present))
@@ -396,8 +398,6 @@ def test_the_step_draws_the_single_views_the_model_resolves_to(data, monkeypatch
         seen.clear()
         one_step(make(data, "modalimmune", model=model))
         assert seen == [2 + patterns], (model, seen)
-    with pytest.raises(ValueError, match="single_views"):
-        build_method("modalimmune[single_views=some]")
 
 
 def test_single_share_full_adds_the_whole_term_with_two_modalities_too():
