@@ -6,7 +6,9 @@ For each method (default: every method but ModDrop) it prints, paired by seed ag
 - with an oracle: ModDrop's gap to it and the share the method closes (goal: >= 50 % where the gap is
   >= 3 points);
 - the corruption curves: the paired difference at every level > 0 of every modality and family,
-  the lowest mean and how many levels are below ModDrop by more than 2 standard errors (goal: none).
+  the lowest mean and how many levels are below ModDrop by more than 2 standard errors (goal: none),
+  beside how many would be by chance alone if the two methods were the same (the paired mean over its
+  standard error is then Student-t with seeds - 1 degrees of freedom: 5.8 % of the levels at 5 seeds).
 
     python bench/goals.py bench/results/compare_mfeat_oracle [--methods modalimmune,ensemble]
 """
@@ -16,6 +18,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 from modalimmune.methods import split_methods
 
@@ -36,6 +39,12 @@ def paired_figures(ours, base, metric, sign):
 
 def runs(folder, method, seeds):
     return [json.loads((folder / "runs" / method / f"seed{s}" / "eval.json").read_text()) for s in seeds]
+
+
+def chance_below(levels, seeds):
+    """How many of ``levels`` paired differences fall below -NOISE_SE standard errors when the methods are the
+    same (independent levels, normal differences): the count a "beyond noise" tally is to be read against."""
+    return levels * stats.t.cdf(-NOISE_SE, seeds - 1)
 
 
 def corruption_differences(ours, base, metric, sign):
@@ -85,7 +94,8 @@ def main():
             worst = min(levels, key=lambda row: row[3])
             below = [row for row in levels if row[3] < 0 and abs(row[3]) >= NOISE_SE * row[4]]
             print(f"    corruption: {len(levels)} levels, lowest {worst[3] * scale:+.2f} ± {worst[4] * scale:.2f} "
-                  f"({worst[0]} {worst[1]} {worst[2]}), {len(below)} below ModDrop beyond noise"
+                  f"({worst[0]} {worst[1]} {worst[2]}), {len(below)} below ModDrop beyond noise "
+                  f"(by chance alone: {chance_below(len(levels), len(seeds)):.1f})"
                   + (": " + ", ".join(f"{m} {f} {lv}" for m, f, lv, _, _ in below[:6]) if below else ""))
 
 
