@@ -1,10 +1,15 @@
 """Is the gyro encoder or the shared fusion/head what keeps gyro-alone below the oracle?
 For each method and seed: train as compare does, score gyro alone; then freeze the encoders, re-initialise
 fusion + head, train them on gyro alone (erm[keep=gyro]) as the oracle is trained, score gyro alone again."""
-import json, sys, torch
+import json
+import sys
+
+import torch
+
 from modalimmune.comparison import _train
-from modalimmune.data import load_dataset, as_data
+from modalimmune.data import as_data, load_dataset
 from modalimmune.eval.protocol import pattern_score
+
 torch.set_num_threads(1)
 spec, seeds = sys.argv[1], [int(s) for s in sys.argv[2].split(",")]
 data = as_data(load_dataset("hapt", split_seed=0))
