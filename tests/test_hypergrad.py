@@ -410,7 +410,7 @@ def test_captured_implicit_hypergradient_matches_eager():
 def test_curvature_products_through_fused_attention():
     """A double backward through the fused attention kernels (chosen on the CPU in float64 too) is
     not implemented: the products build their graphs with the math kernel
-    (``_vectors.twice_differentiable``) and match the products of an explicit softmax attention."""
+    (``models.base.math_attention``) and match the products of an explicit softmax attention."""
     q, kv = torch.randn(3, 2, 5, 4, dtype=F64), torch.randn(3, 2, 6, 4, dtype=F64)
     params = [torch.randn(4, 4, dtype=F64), torch.randn(4, 4, dtype=F64)]
     v = [torch.randn_like(p) for p in params]

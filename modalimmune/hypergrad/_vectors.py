@@ -1,7 +1,6 @@
 """Vectors of the solver: a Tensor or a list of Tensors, handled as a list."""
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def as_list(name, value):
@@ -53,9 +52,3 @@ def grad_or_zeros(outputs, inputs, grad_outputs=None, **kwargs):
             allow_unused=True, **kwargs)
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
 
-
-def twice_differentiable():
-    """Context for building graphs that curvature products differentiate twice: attention runs
-    its math kernel, whose backward is itself differentiable (the fused flash and
-    memory-efficient kernels' backward is not: a double backward through them fails)."""
-    return sdpa_kernel(SDPBackend.MATH)

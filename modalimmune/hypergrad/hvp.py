@@ -8,6 +8,7 @@ outputs), so that a loop of products pays one backward pass each.
 import torch
 
 from .. import checks
+from ..models.base import math_attention
 from . import _vectors
 
 HVP_MODES = ("double_backward", "fwd_rev")
@@ -87,7 +88,7 @@ def hvp(loss_fn, params, v, mode="double_backward"):
         grad_fn = torch.func.grad(loss_fn, argnums=tuple(range(len(params))))
         _, out = torch.func.jvp(grad_fn, tuple(params), tuple(v))
         return _vectors.like(list(out), single)
-    with torch.enable_grad(), _vectors.twice_differentiable():
+    with torch.enable_grad(), math_attention():
         leaves = [p.requires_grad_() for p in params]
         grads = _vectors.grad_or_zeros([loss_fn(*leaves)], leaves, create_graph=True)
         return _vectors.like(HessianOperator(grads, leaves)(v), single)
@@ -112,6 +113,6 @@ def ggn_vp(model_fn, loss_fn, params, v, mode="double_backward"):
         def jvp(vec):
             _, out = torch.func.jvp(model_fn, tuple(p.detach() for p in params), tuple(vec))
             return _vectors.as_list("model_fn output", out)[0]
-    with torch.enable_grad(), _vectors.twice_differentiable():
+    with torch.enable_grad(), math_attention():
         leaves = [p.requires_grad_() for p in params]
         return _vectors.like(GGNOperator(model_fn(*leaves), loss_fn, leaves, jvp)(v), single)

@@ -15,6 +15,7 @@ import math
 import torch
 
 from .. import checks
+from ..models.base import math_attention
 from . import _vectors
 from .hvp import GGNOperator, HessianOperator
 from .neumann import capture_stream, neumann_solve
@@ -101,7 +102,7 @@ def implicit_hypergradient(inner_loss, outer_loss, params, hparams, *, curvature
     if solver_options.get("capture", False) and params[0].device.type == "cuda":
         stream = capture_stream(params[0].device)
         stream.wait_stream(torch.cuda.current_stream(params[0].device))
-    with torch.enable_grad(), _vectors.twice_differentiable():
+    with torch.enable_grad(), math_attention():
         grads = _vectors.grad_or_zeros([_scalar("outer_loss", outer_loss())], params + hparams)
         v0, direct = grads[:len(params)], grads[len(params):]
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():

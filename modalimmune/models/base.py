@@ -21,6 +21,7 @@ import contextlib
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @contextlib.contextmanager
@@ -32,6 +33,13 @@ def eval_mode(model):
         yield model
     finally:
         model.train(was_training)
+
+
+def math_attention():
+    """Context in which attention runs its math kernel, the one that ``torch.func`` transforms batch and
+    whose backward is itself differentiable: the fused flash and memory-efficient kernels have no
+    batching rule (``vmap`` would loop over them) and a backward that a second backward cannot cross."""
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def fuse_patterns(model, embeddings, present, masks=None):

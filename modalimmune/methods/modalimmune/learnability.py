@@ -18,9 +18,8 @@ vectorised over the patterns' ``present`` masks (the encoders' embeddings fixed)
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ...models.base import eval_mode, fuse_patterns
+from ...models.base import eval_mode, fuse_patterns, math_attention
 from ..base import task_loss
 
 
@@ -72,7 +71,7 @@ def pattern_gradients(model, params, views, labels, kept, through_fusion=False):
 
     def loss(values, varied):
         return task_loss(functional_call(net, dict(zip(keys, values)), (varied, *fixed)), labels)
-    with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no batching rule: vmap would loop
+    with math_attention():
         grads = vmap(grad(loss), in_dims=(None, 0))(tuple(p.detach() for p in params), inputs)
     return torch.cat([g.float().flatten(1) for g in grads], 1)
 
