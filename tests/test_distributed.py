@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -25,13 +26,24 @@ def free_port():
         return s.getsockname()[1]
 
 
-def train(method, out_dir, steps):
-    """A few optimizer steps of ``method`` on a tiny dataset, without dropout (so that the
-    function of a sample does not depend on which rank draws its mask)."""
+def gappy_dataset(n=90):
+    """The tiny dataset with natural missingness: 'a' absent in every third sample, 'seq' in every fifth."""
+    from modalimmune.data import MultimodalDataset
+
+    modalities, y, lengths = tiny_arrays(n=n)
+    present = np.ones((n, 3), dtype=bool)
+    present[::3, 0] = False
+    present[1::5, 2] = False
+    return MultimodalDataset(modalities, y, lengths=lengths, present=present, name="gappy")
+
+
+def train(method, out_dir, steps, natural=False):
+    """A few optimizer steps of ``method`` on a tiny dataset (``natural``: with missing modalities),
+    without dropout (so that the function of a sample does not depend on which rank draws its mask)."""
     from modalimmune.models import build_model
     from modalimmune.train import Trainer
 
-    data = tiny_dataset(n=90)
+    data = gappy_dataset() if natural else tiny_dataset(n=90)
     torch.manual_seed(0)
     model = build_model("mlp", data.spec, data.num_classes, hidden=16, embed_dim=8, fused_dim=16, dropout=0.0)
     trainer = Trainer(model, data, out_dir=out_dir, method=method, epochs=3, batch_size=16, grad_accum=2,
@@ -47,10 +59,10 @@ def _join(rank, world, port):
     distributed.init_from_env("cpu")
 
 
-def _worker(rank, world, port, method, out_dir, steps, result):
+def _worker(rank, world, port, method, out_dir, steps, result, natural):
     _join(rank, world, port)
     try:
-        trainer = train(method, out_dir, steps)
+        trainer = train(method, out_dir, steps, natural)
         params = {k: v.clone() for k, v in trainer.model.state_dict().items()}
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, params)
@@ -60,8 +72,8 @@ def _worker(rank, world, port, method, out_dir, steps, result):
         distributed.shutdown()
 
 
-def run_two_ranks(method, out_dir, steps, result):
-    mp.start_processes(_worker, args=(2, free_port(), method, out_dir, steps, result), nprocs=2,
+def run_two_ranks(method, out_dir, steps, result, natural=False):
+    mp.start_processes(_worker, args=(2, free_port(), method, out_dir, steps, result, natural), nprocs=2,
                        start_method="spawn", join=True)
     return torch.load(result)
 
@@ -174,9 +186,24 @@ def test_modalimmune_two_ranks_equal_one_process(method, tmp_path):
     """The batch-level statistics (collapse SVD, noise power, effective rank), the draws, g_c,
     g_d and the probe before the mask, and the hypergradient's solve are the global batch's:
     2 ranks with half the batch each reach the parameters of 1 process (docs/distributed.md)."""
+    two_ranks_equal_one_process(method, tmp_path)
+
+
+@pytest.mark.parametrize("method", [
+    "modalimmune",  # the single-view term's n_m and draws over the samples that have each view
+    "modalimmune[blank_share=0.5,controller=learnability]",  # blanked removals; the learnability's natural mean
+])
+def test_modalimmune_two_ranks_equal_one_process_with_natural_missingness(method, tmp_path):
+    """With modalities missing from some samples (the draws keep a sample's only views, the term counts each
+    view over the samples that have it, the blanked rows are drawn over the global batch) 2 ranks still reach
+    the parameters of 1 process."""
+    two_ranks_equal_one_process(method, tmp_path, natural=True)
+
+
+def two_ranks_equal_one_process(method, tmp_path, natural=False):
     steps = 5  # the fifth step's last micro-batch splits 8 + 7: uneven rank shares
-    one = train(method, str(tmp_path / "one"), steps)
-    ranks = run_two_ranks(method, str(tmp_path / "two"), steps, str(tmp_path / "params.pt"))
+    one = train(method, str(tmp_path / "one"), steps, natural)
+    ranks = run_two_ranks(method, str(tmp_path / "two"), steps, str(tmp_path / "params.pt"), natural)
     for name, value in one.model.state_dict().items():
         assert torch.equal(ranks[0][name], ranks[1][name]), f"ranks disagree on {name}"
         torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
