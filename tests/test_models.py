@@ -168,3 +168,24 @@ def test_transformer_readout_is_the_torch_encoders_class_token(data, depth, rows
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_transformer_token_layout_by_hand_and_built_once(data):
+    """Each position's modality (-1: the class token; each modality's tokens, then its missing token) and
+    whether it is a missing token, as written out by hand; the same tensors on every call with the same
+    token counts (no copy from the host per fusion pass), new ones for other counts."""
+    model = build_model("transformer", data.spec, data.num_classes, dim=16, heads=2, patch=4)
+    batch = data.batch(data.indices("train")[:5])
+    embeddings = model.encode(batch)
+    counts = [embeddings[name].shape[1] for name in model.modalities]
+    _, real, modality, missing = model._tokens(embeddings, batch.masks)
+    want_modality, want_missing = [-1], [False]
+    for i, count in enumerate(counts):
+        want_modality += [i] * count + [i]
+        want_missing += [False] * count + [True]
+    assert modality.tolist() == want_modality and missing.tolist() == want_missing
+    assert real.shape == (5, len(want_modality))
+    again = model._tokens(embeddings, batch.masks)
+    assert again[2] is modality and again[3] is missing
+    shorter = {**embeddings, model.modalities[0]: embeddings[model.modalities[0]][:, :1]}
+    assert model._tokens(shorter, {})[2].shape[0] == len(want_modality) - counts[0] + 1

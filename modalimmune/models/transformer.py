@@ -4,6 +4,7 @@ present modalities attend to each other, and a class token is the joint
 representation. A missing modality's tokens are masked out and its learned
 "missing" token takes their place."""
 
+import functools
 import math
 
 import numpy as np
@@ -75,6 +76,18 @@ def _encoder_layer(layer, rows, x, keep):
     return rows + layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(layer.norm2(rows))))))
 
 
+@functools.lru_cache(maxsize=64)
+def _layout(counts, device):
+    """Each position's modality (L,) (-1: the class token) and whether it is a missing token (L,), for
+    modalities of ``counts`` tokens each: built once per layout and device, so that a fusion pass copies
+    nothing from the host (a copy to a GPU from pageable memory waits for the stream)."""
+    modality, missing = [-1], [False]
+    for i, count in enumerate(counts):
+        modality += [i] * (count + 1)
+        missing += [False] * count + [True]
+    return torch.tensor(modality, device=device), torch.tensor(missing, device=device)
+
+
 class FusionTransformer(ModalImmuneModel):
     def __init__(self, spec, num_classes, *, dim=64, depth=2, heads=4, patch=16, dropout=0.1, decode=False):
         super().__init__(spec)
@@ -102,16 +115,13 @@ class FusionTransformer(ModalImmuneModel):
         batch, device = first.shape[0], first.device
         tokens, real = [self.cls.expand(batch, -1, -1).to(first.dtype)], [torch.ones(batch, 1, dtype=torch.bool,
                                                                                       device=device)]
-        modality, missing = [-1], [False]
         for i, name in enumerate(self.modalities):
             z = embeddings[name]
             tokens += [z, self.missing[i].to(z.dtype).expand(batch, 1, -1)]
             real += [masks.get(name, torch.ones(z.shape[:2], dtype=torch.bool, device=device)),
                      torch.ones(batch, 1, dtype=torch.bool, device=device)]
-            modality += [i] * (z.shape[1] + 1)
-            missing += [False] * z.shape[1] + [True]
-        return (torch.cat(tokens, 1), torch.cat(real, 1), torch.tensor(modality, device=device),
-                torch.tensor(missing, device=device))
+        counts = tuple(embeddings[name].shape[1] for name in self.modalities)
+        return (torch.cat(tokens, 1), torch.cat(real, 1), *_layout(counts, device))
 
     @staticmethod
     def _keep(real, present, modality, missing):
