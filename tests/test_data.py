@@ -37,6 +37,21 @@ def tiny_dataset(n=60, classes=3, seed=0, split_seed=0):
     return MultimodalDataset(modalities, y, lengths=lengths, name="tiny", split_seed=split_seed)
 
 
+def gappy_present(n):
+    """The (n, 3) ``present`` mask of natural missingness: 'a' absent in every third sample, 'seq' in every
+    fifth ('b' always there)."""
+    present = np.ones((n, 3), dtype=bool)
+    present[::3, 0] = False
+    present[1::5, 2] = False
+    return present
+
+
+def gappy_dataset(n):
+    """The tiny dataset with :func:`gappy_present`'s natural missingness."""
+    modalities, y, lengths = tiny_arrays(n=n)
+    return MultimodalDataset(modalities, y, lengths=lengths, present=gappy_present(n), name="gappy")
+
+
 def test_mfeat_shapes_and_classes():
     data = load_dataset("mfeat")
     assert data.source == "mfeat"

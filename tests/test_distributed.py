@@ -8,11 +8,10 @@ import socket
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_data import single_thread, tiny_arrays, tiny_dataset  # noqa: F401 (autouse fixture)
+from test_data import gappy_dataset, single_thread, tiny_arrays, tiny_dataset  # noqa: F401 (autouse fixture)
 
 from modalimmune import distributed
 
@@ -26,24 +25,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-def gappy_dataset(n=90):
-    """The tiny dataset with natural missingness: 'a' absent in every third sample, 'seq' in every fifth."""
-    from modalimmune.data import MultimodalDataset
-
-    modalities, y, lengths = tiny_arrays(n=n)
-    present = np.ones((n, 3), dtype=bool)
-    present[::3, 0] = False
-    present[1::5, 2] = False
-    return MultimodalDataset(modalities, y, lengths=lengths, present=present, name="gappy")
-
-
 def train(method, out_dir, steps, natural=False):
     """A few optimizer steps of ``method`` on a tiny dataset (``natural``: with missing modalities),
     without dropout (so that the function of a sample does not depend on which rank draws its mask)."""
     from modalimmune.models import build_model
     from modalimmune.train import Trainer
 
-    data = gappy_dataset() if natural else tiny_dataset(n=90)
+    data = gappy_dataset(n=90) if natural else tiny_dataset(n=90)
     torch.manual_seed(0)
     model = build_model("mlp", data.spec, data.num_classes, hidden=16, embed_dim=8, fused_dim=16, dropout=0.0)
     trainer = Trainer(model, data, out_dir=out_dir, method=method, epochs=3, batch_size=16, grad_accum=2,

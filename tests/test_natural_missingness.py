@@ -5,9 +5,8 @@ modality's information gain only on the samples that have it."""
 import numpy as np
 import pytest
 import torch
-from test_data import single_thread, tiny_arrays  # noqa: F401 (autouse fixture)
+from test_data import gappy_dataset, single_thread  # noqa: F401 (autouse fixture)
 
-from modalimmune.data import MultimodalDataset
 from modalimmune.data.missing import missing_patterns
 from modalimmune.eval.protocol import pattern_score
 from modalimmune.methods import StepContext, build_method
@@ -20,11 +19,7 @@ from modalimmune.train import Trainer
 @pytest.fixture(scope="module")
 def data():
     """'a' absent in every third sample, 'seq' in every fifth ('b' always there)."""
-    modalities, y, lengths = tiny_arrays(n=150)
-    present = np.ones((150, 3), dtype=bool)
-    present[::3, 0] = False
-    present[1::5, 2] = False
-    return MultimodalDataset(modalities, y, lengths=lengths, present=present, name="gappy")
+    return gappy_dataset(n=150)
 
 
 def make(data, method):

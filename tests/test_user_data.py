@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from test_data import single_thread, tiny_arrays  # noqa: F401 (autouse fixture)
+from test_data import gappy_present, single_thread, tiny_arrays  # noqa: F401 (autouse fixture)
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from modalimmune import compare
@@ -32,17 +32,9 @@ N = 90
 ORDER = ("a", "b", "seq")  # the first sample lacks 'a': its keys alone would put it last
 
 
-def gappy_present(n=N):
-    """'a' absent in every third sample, 'seq' in every fifth."""
-    present = np.ones((n, 3), dtype=bool)
-    present[::3, 0] = False
-    present[1::5, 2] = False
-    return present
-
-
 def arrays(missing):
     modalities, y, lengths = tiny_arrays(n=N)
-    return modalities, y, lengths, gappy_present() if missing else None
+    return modalities, y, lengths, gappy_present(N) if missing else None
 
 
 def dict_samples(modalities, y, lengths, present=None):
