@@ -1,10 +1,12 @@
 """Paired differences (points, clean / mean missing) of the hapt runs stopped before their 10 seeds, from the
 compare logs in LOGS (default: hapt/logs beside this file): `python stopped_runs.py [LOGS]`."""
 
-import math
 import re
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # bench/, for goals.py
+from goals import paired  # noqa: E402
 
 LINE = re.compile(r"(\S+) seed (\d+): clean accuracy ([\d.]+) mean-missing ([\d.]+)")
 REFERENCES = ("modalimmune", "modalimmune[single_share=full]", "moddrop")
@@ -20,15 +22,11 @@ def read(log):
     return runs
 
 
-def paired(runs, reference):
-    """'mean +- standard error' of the per-seed differences, clean and mean missing."""
-    differences = [[a - b for a, b in zip(runs[seed], reference[seed])] for seed in runs]
-    n, parts = len(differences), []
-    for column in zip(*differences):
-        mean = sum(column) / n
-        se = math.sqrt(sum((x - mean) ** 2 for x in column) / (n - 1) / n) if n > 1 else math.nan
-        parts.append(f"{mean:+.2f} +- {se:.2f}")
-    return parts
+def paired_by_seed(runs, reference):
+    """'mean +- standard error' of the per-seed differences (goals.paired), clean and mean missing."""
+    seeds = sorted(runs)
+    return [f"{mean:+.2f} +- {se:.2f}" for mean, se in
+            (paired([runs[s][i] for s in seeds], [reference[s][i] for s in seeds]) for i in range(2))]
 
 
 def main(logs):
@@ -37,7 +35,7 @@ def main(logs):
         for method, runs in read(logs / f"{name}.log").items():
             print(f"{method} ({len(runs)} seeds, {name}.log)")
             for reference in REFERENCES:
-                clean, mean = paired(runs, references[reference])
+                clean, mean = paired_by_seed(runs, references[reference])
                 print(f"   minus {reference}: clean {clean}, mean missing {mean}")
 
 
