@@ -180,6 +180,7 @@ def test_modalimmune_two_ranks_equal_one_process(method, tmp_path):
 @pytest.mark.parametrize("method", [
     "modalimmune",  # the single-view term's n_m and draws over the samples that have each view
     "modalimmune[blank_share=0.5,controller=learnability]",  # blanked removals; the learnability's natural mean
+    "modalimmune[swap_share=0.5]",  # swapped removals: another row of the global batch, its views counted there
 ])
 def test_modalimmune_two_ranks_equal_one_process_with_natural_missingness(method, tmp_path):
     """With modalities missing from some samples (the draws keep a sample's only views, the term counts each

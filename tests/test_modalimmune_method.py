@@ -12,6 +12,7 @@ import modalimmune.methods.modalimmune.tuner as tuner
 from modalimmune.data import MultimodalDataset
 from modalimmune.methods import CurvatureMasker, StepContext, build_method
 from modalimmune.methods.modalimmune import Views
+from modalimmune.methods.modalimmune.interventions import intervene
 from modalimmune.methods.modalimmune.options import LOG_LAMBDA_RANGE
 from modalimmune.models import build_model
 from modalimmune.train import Trainer
@@ -250,7 +251,8 @@ def test_resume_restores_the_whole_method_state(data, tmp_path):
     ("modalimmune[lambda_imm=-1]", "lambda_imm"), ("modalimmune[hyper_every=0]", "hyper_every"),
     ("modalimmune[val_drop=1]", "val_drop"), ("modalimmune[hyper_rel_damping=-0.5]", "hyper_rel_damping"),
     ("modalimmune[ig_samples=-1]", "ig_samples"), ("modalimmune[joint_targets=2]", "joint_targets"),
-    ("modalimmune[speed=2]", "speed"), ("modalimmune[blank_share=1.5]", "blank_share")])
+    ("modalimmune[speed=2]", "speed"), ("modalimmune[blank_share=1.5]", "blank_share"),
+    ("modalimmune[swap_share=1]", "swap_share")])
 def test_bad_options(spec, name):
     with pytest.raises((ValueError, TypeError), match=name):
         build_method(spec)
@@ -308,6 +310,56 @@ def test_blank_share_keeps_removed_targets_present_with_the_batch_mean(data):
     assert torch.equal(got[12:], z[12:]) and kept[12:].all() and out_present[:, 1:].all()
     assert 0 < blanked.sum() < 12  # both kinds (the method's generator is seeded)
     assert all(out[name] is embeddings[name] for name in data.modalities[1:])
+
+
+def test_swap_share_keeps_removed_targets_present_with_another_samples_embedding(data):
+    """``swap_share``: a removed target of a sample that keeps two other views is either removed or swapped
+    (present, its embedding and token mask those of the batch's previous sample); a sample left with one view
+    is never swapped; untargeted rows and modalities are untouched."""
+    trainer = make(data, "modalimmune[hypergrad=off,per_sample=true,swap_share=0.75]")
+    batch = trainer.dataset.batch(trainer.dataset.indices("train")[:16])
+    embeddings = trainer.model.encode(batch)
+    strengths = torch.zeros(16, 3, dtype=torch.float64)
+    strengths[:12, 2] = 1.0  # the sequence view removed from 12 rows...
+    strengths[:4, 0] = 1.0  # ...and, from the first 4, the first view too: one view left there
+    out = trainer.method.intervene(Views(embeddings, trainer.model.all_present(batch), batch.masks), strengths)
+    seq = data.modalities[2]
+    z, mask, kept = embeddings[seq], batch.masks[seq], out.present[:, 2]
+    swapped = torch.cat([kept[:12], torch.zeros(4, dtype=torch.bool)])
+    assert not swapped[:4].any() and 0 < swapped[4:].sum() < 8  # both kinds (the generator is seeded)
+    assert kept[12:].all() and not out.present[:4, 0].any() and out.present[4:, :2].all()
+    for got, real in ((out.embeddings[seq], z), (out.masks[seq], mask)):
+        assert torch.equal(got[swapped], real.roll(1, 0)[swapped]) and torch.equal(got[~swapped], real[~swapped])
+    first, second = data.modalities[:2]
+    assert torch.equal(out.embeddings[first], embeddings[first]) and out.embeddings[second] is embeddings[second]
+
+
+def test_swap_share_takes_no_view_from_a_sample_that_lacks_it():
+    """The previous sample's view must be real: a row whose donor has the view missing (its embedding the
+    model's filler) is removed, never swapped."""
+    z = {name: torch.randn(6, 4, generator=torch.Generator().manual_seed(i)) for i, name in enumerate("abc")}
+    present = torch.ones(6, 3, dtype=torch.bool)
+    present[2, 2] = False  # row 2 lacks c: row 3's donor
+    strengths = torch.zeros(6, 3, dtype=torch.float64)
+    strengths[[0, 1, 3, 4, 5], 2] = 1.0
+    out = intervene(Views(z, present, {}), strengths, list("abc"), generator=torch.Generator().manual_seed(0),
+                    swap_share=0.999)
+    assert torch.equal(out.present[:, 2], torch.tensor([True, True, False, False, True, True]))
+    swapped = torch.tensor([0, 1, 4, 5])
+    assert torch.equal(out.embeddings["c"][swapped], z["c"].roll(1, 0)[swapped])
+
+
+def test_swap_share_leaves_two_modalities_as_removal():
+    """With two modalities a removal leaves one view, which nothing could outvote: ``swap_share`` changes
+    nothing, and draws nothing from the generator."""
+    z = {name: torch.randn(6, 4, generator=torch.Generator().manual_seed(i)) for i, name in enumerate("ab")}
+    views = Views(z, torch.ones(6, 2, dtype=torch.bool), {})
+    strengths = torch.zeros(6, 2, dtype=torch.float64)
+    strengths[::2, 0] = 1.0
+    generator = torch.Generator().manual_seed(0)
+    out = intervene(views, strengths, ["a", "b"], generator=generator, swap_share=0.9)
+    assert torch.equal(out.present[:, 0], torch.arange(6) % 2 == 1) and out.embeddings["a"] is z["a"]
+    assert torch.equal(generator.get_state(), torch.Generator().manual_seed(0).get_state())
 
 
 def method_state(method):

@@ -124,7 +124,7 @@ def _on_rows(rows, damaged, z):
 
 
 def intervene(views, strengths, names, *, kind="collapse", collapse_mode="spectral", generator=None, ctx=None,
-              blank_share=0.0):
+              blank_share=0.0, swap_share=0.0):
     """The perturbed :class:`Views` of ``views``: ``strengths`` is a CPU (B, M) float64 matrix giving
     each sample's targets and their strength (0: untouched), ``names`` the modalities in its column
     order, ``kind`` one of ``INTERVENTIONS``. A modality's strength is the same for all the samples
@@ -133,15 +133,31 @@ def intervene(views, strengths, names, *, kind="collapse", collapse_mode="spectr
     with ``kind="collapse"`` a strength of 1 is removal (``present = False``, the model's own
     missing handling); with ``blank_share`` each removed target is instead, with that probability,
     kept present with its embedding :func:`blank`-ed (docs/method.md, "Blank views"; drawn on the
-    device). Under data parallelism (``ctx``) B is the global micro-batch: the damage is computed on
-    its gathered rows and this rank keeps its own. No decision reads device data back to the host."""
+    device); with ``swap_share``, where the sample keeps two other present views, kept present with the
+    previous sample's embedding and token mask, if that sample has the view (docs/method.md, "Swapped views").
+    Under data parallelism (``ctx``) B is the global micro-batch: the damage is computed on its gathered rows
+    and this rank keeps its own. No decision reads device data back to the host."""
     embeddings, present, masks = dict(views.embeddings), views.present.clone(), dict(views.masks)
     gather, ours = (ctx.gather_rows, ctx.batch_rows(present.shape[0])[1]) if ctx else (lambda x: x, slice(None))
     targeted = strengths.numpy() > 0
     top = strengths.numpy().max(0)  # of a targeted modality: its targets' strength (the others are <= 0)
+    swap_share = swap_share if len(names) >= 3 else 0.0  # a wrong view is outvoted only by two others left
+    if swap_share > 0:
+        had = gather(views.present)
+        outvoted = (had & ~torch.from_numpy(targeted).to(present.device)).sum(1) >= 2
     for m in np.flatnonzero(targeted.any(0)):
         name, strength = names[m], float(top[m])
         rows = torch.from_numpy(targeted[:, m]).to(present.device)
+        if swap_share > 0 and (kind == "remove" or (kind == "collapse" and strength >= 1)):
+            z = gather(embeddings[name])
+            donor_has = had[:, m].roll(1, 0)  # the previous sample's view is real, not a missing one's filler
+            swapped = rows & outvoted & donor_has & (
+                torch.rand(rows.shape, generator=generator, device=rows.device) < swap_share)
+            embeddings[name] = _on_rows(swapped, z.roll(1, 0), z)[ours]
+            if masks.get(name) is not None:
+                real = gather(masks[name])
+                masks[name] = _on_rows(swapped, real.roll(1, 0), real)[ours]
+            rows = rows & ~swapped
         if kind == "remove" or (kind == "collapse" and strength >= 1):
             if blank_share > 0:
                 z = gather(embeddings[name])

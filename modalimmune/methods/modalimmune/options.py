@@ -36,6 +36,7 @@ class Options:
     single_views: str = "auto"  # all: every view alone (M copies); one: one view alone per sample; auto: for_model
     single_share: str = "rest"  # rest: l_single (1 - q), what the draws leave; full: l_single every step, any M
     blank_share: float = 0.0  # of the removed targets: kept present, their embedding the batch's mean (no sample in it)
+    swap_share: float = 0.0  # of the removed targets with two views left: kept present, another sample's embedding
     # controller
     temperature: float = 0.5  # learnability: a share of the largest score; ig: in nats (0.05 was its default)
     epsilon: float = 0.2
@@ -84,7 +85,7 @@ class Options:
         for name in ("epsilon", "s_min", "s_max", "quantile"):
             checks.number(label(name), getattr(self, name), 0.0, 1.0)
         checks.number(label("s_max"), self.s_max, self.s_min, 1.0)
-        for name in ("momentum", "beta", "val_drop", "blank_share"):
+        for name in ("momentum", "beta", "val_drop", "blank_share", "swap_share"):
             checks.number(label(name), getattr(self, name), 0.0, 1.0, high_open=True)
         for name in ("max_targets", "ig_every", "erank_k", "hyper_every", "hyper_iters", "hyper_power_iters",
                      "val_batches"):

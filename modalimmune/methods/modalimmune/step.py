@@ -120,7 +120,7 @@ class ModalImmune(Method):
         """The perturbed views of this step (:func:`interventions.intervene` with the method's options)."""
         return intervene(views, strengths, self.controller.modalities, kind=self.options.intervention,
                          collapse_mode=self.options.collapse, generator=self.generator, ctx=ctx,
-                         blank_share=self.options.blank_share)
+                         blank_share=self.options.blank_share, swap_share=self.options.swap_share)
 
     def training_step(self, model, batch, ctx):
         options = self.options
