@@ -30,7 +30,7 @@ from modalimmune.train import Trainer  # noqa: E402
 
 VARIANTS = [("erm", "erm"), ("moddrop", "moddrop"), ("modalimmune (defaults: the design floor)", "modalimmune"),
             ("  lambda_single=0 (no single-view term)", "modalimmune[lambda_single=0]"),
-            ("  swap_share=0.1 (swapped views: the perturbed views fused apart)", "modalimmune[swap_share=0.1]"),
+            ("  swap_share=0.1 (swapped views: their rows fused again apart)", "modalimmune[swap_share=0.1]"),
             ("  single_views=all (every view alone: the MLP's auto)", "modalimmune[single_views=all]"),
             ("  single_views=one (one view alone per sample: the transformer's auto)", "modalimmune[single_views=one]"),
             ("  lambda_rank=0.01 (the effective rank on)", "modalimmune[lambda_rank=0.01]"),

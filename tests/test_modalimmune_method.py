@@ -12,7 +12,7 @@ import modalimmune.methods.modalimmune.tuner as tuner
 from modalimmune.data import MultimodalDataset
 from modalimmune.methods import CurvatureMasker, StepContext, build_method
 from modalimmune.methods.modalimmune import Views
-from modalimmune.methods.modalimmune.interventions import intervene
+from modalimmune.methods.modalimmune.interventions import draw_swaps, intervene
 from modalimmune.methods.modalimmune.options import LOG_LAMBDA_RANGE
 from modalimmune.models import build_model
 from modalimmune.train import Trainer
@@ -332,6 +332,27 @@ def test_swap_share_keeps_removed_targets_present_with_another_samples_embedding
         assert torch.equal(got[swapped], real.roll(1, 0)[swapped]) and torch.equal(got[~swapped], real[~swapped])
     first, second = data.modalities[:2]
     assert torch.equal(out.embeddings[first], embeddings[first]) and out.embeddings[second] is embeddings[second]
+    assert set(out.apart.tolist()) >= set(swapped.nonzero().flatten().tolist())  # the rows fused apart
+
+
+@pytest.mark.parametrize("model", ["mlp", "transformer"])
+def test_swapped_rows_fused_apart_are_the_whole_perturbed_pass(data, model):
+    """With swaps the perturbed views share the clean pass but on ``apart``'s rows, fused again on their own:
+    the result is the perturbed views' own fusion and head, every row (eval mode: no dropout)."""
+    trainer = make(data, "modalimmune[hypergrad=off,swap_share=0.5]", model=model)
+    net = trainer.model.eval()
+    batch = trainer.dataset.batch(trainer.dataset.indices("train")[:16])
+    clean = Views(net.encode(batch), net.all_present(batch), batch.masks)
+    strengths = torch.zeros(16, 3, dtype=torch.float64)
+    strengths[:12, 2], strengths[8:, 1], strengths[:2, 0] = 1.0, 1.0, 1.0
+    perturbed = trainer.method.intervene(clean, strengths)
+    assert 0 < len(perturbed.apart) < 16 and (perturbed.present & (strengths > 0)).any()  # some swapped
+    got = objective.forward_pair(net, clean, perturbed)
+    joint = net.fuse(perturbed.embeddings, perturbed.present, perturbed.masks)
+    torch.testing.assert_close(got.joint_tilde, joint, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.logits_tilde, net.head(joint), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.logits, net.head(net.fuse(clean.embeddings, clean.present, clean.masks)),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_swap_share_takes_no_view_from_a_sample_that_lacks_it():
@@ -342,24 +363,26 @@ def test_swap_share_takes_no_view_from_a_sample_that_lacks_it():
     present[2, 2] = False  # row 2 lacks c: row 3's donor
     strengths = torch.zeros(6, 3, dtype=torch.float64)
     strengths[[0, 1, 3, 4, 5], 2] = 1.0
-    out = intervene(Views(z, present, {}), strengths, list("abc"), generator=torch.Generator().manual_seed(0),
-                    swap_share=0.999)
+    out = intervene(Views(z, present, {}), strengths, list("abc"), swaps=strengths > 0)
     assert torch.equal(out.present[:, 2], torch.tensor([True, True, False, False, True, True]))
     swapped = torch.tensor([0, 1, 4, 5])
     assert torch.equal(out.embeddings["c"][swapped], z["c"].roll(1, 0)[swapped])
 
 
 def test_swap_share_leaves_two_modalities_as_removal():
-    """With two modalities a removal leaves one view, which nothing could outvote: ``swap_share`` changes
-    nothing, and draws nothing from the generator."""
+    """With two modalities a removal leaves one view, which nothing could outvote: ``swap_share`` draws no
+    swap, nothing from the generator, and the intervention is removal."""
     z = {name: torch.randn(6, 4, generator=torch.Generator().manual_seed(i)) for i, name in enumerate("ab")}
-    views = Views(z, torch.ones(6, 2, dtype=torch.bool), {})
     strengths = torch.zeros(6, 2, dtype=torch.float64)
     strengths[::2, 0] = 1.0
     generator = torch.Generator().manual_seed(0)
-    out = intervene(views, strengths, ["a", "b"], generator=generator, swap_share=0.9)
-    assert torch.equal(out.present[:, 0], torch.arange(6) % 2 == 1) and out.embeddings["a"] is z["a"]
+    assert draw_swaps(strengths, 0.9, generator) is None
     assert torch.equal(generator.get_state(), torch.Generator().manual_seed(0).get_state())
+    out = intervene(Views(z, torch.ones(6, 2, dtype=torch.bool), {}), strengths, ["a", "b"])
+    assert torch.equal(out.present[:, 0], torch.arange(6) % 2 == 1) and out.embeddings["a"] is z["a"]
+    assert out.apart is None
+    swaps = draw_swaps(torch.ones(4000, 3, dtype=torch.float64), 0.25, generator)
+    assert abs(swaps.double().mean().item() - 0.25) < 0.02  # each target, with probability the share
 
 
 def method_state(method):

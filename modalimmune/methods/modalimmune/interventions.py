@@ -36,11 +36,14 @@ INTERVENTIONS = ("collapse", "remove", "noise", "token_dropout")
 @dataclass(frozen=True)
 class Views:
     """A batch as fusion and head see it: ``embeddings`` by modality ((B, d) or (B, T, d)), the
-    (B, M) bool ``present`` mask in the model's modality order, and the (B, T) token ``masks``."""
+    (B, M) bool ``present`` mask in the model's modality order, and the (B, T) token ``masks``. ``apart``, of
+    perturbed views whose embeddings are the clean ones but on a few rows (swapped views): those rows' indices,
+    a long tensor, so that the rest can share the clean pass (:func:`objective.forward_pair`)."""
 
     embeddings: dict
     present: torch.Tensor
     masks: dict
+    apart: torch.Tensor | None = None
 
     def apply(self, fn):
         """The views with ``fn`` applied to every tensor (rows selected, detached, gathered ...)."""
@@ -118,13 +121,23 @@ def blank(z):
     return z.mean(0, keepdim=True).expand_as(z)
 
 
+def draw_swaps(strengths, share, generator):
+    """Which targets of the host (B, M) ``strengths`` are candidates to be swapped rather than removed, each with
+    probability ``share``: a host bool matrix drawn from ``generator`` (the controller's), so that the step knows
+    without a device read which rows may change (docs/method.md, "Swapped views"). None, and no draw, where
+    nothing can be swapped: a share of 0, or fewer than three modalities (a view is outvoted only by two left)."""
+    if share == 0 or strengths.shape[1] < 3:
+        return None
+    return (strengths > 0) & (torch.rand(strengths.shape, generator=generator, dtype=torch.float64) < share)
+
+
 def _on_rows(rows, damaged, z):
     """``damaged`` on the samples ``rows`` (B,) marks, ``z`` on the others."""
     return torch.where(rows.view(-1, *([1] * (z.dim() - 1))), damaged, z)
 
 
 def intervene(views, strengths, names, *, kind="collapse", collapse_mode="spectral", generator=None, ctx=None,
-              blank_share=0.0, swap_share=0.0):
+              blank_share=0.0, swaps=None):
     """The perturbed :class:`Views` of ``views``: ``strengths`` is a CPU (B, M) float64 matrix giving
     each sample's targets and their strength (0: untouched), ``names`` the modalities in its column
     order, ``kind`` one of ``INTERVENTIONS``. A modality's strength is the same for all the samples
@@ -133,26 +146,27 @@ def intervene(views, strengths, names, *, kind="collapse", collapse_mode="spectr
     with ``kind="collapse"`` a strength of 1 is removal (``present = False``, the model's own
     missing handling); with ``blank_share`` each removed target is instead, with that probability,
     kept present with its embedding :func:`blank`-ed (docs/method.md, "Blank views"; drawn on the
-    device); with ``swap_share``, where the sample keeps two other present views, kept present with the
-    previous sample's embedding and token mask, if that sample has the view (docs/method.md, "Swapped views").
+    device); a removed target that ``swaps`` (:func:`draw_swaps`) marks is, where the sample keeps two other
+    present views and the previous sample has the view, kept present with that sample's embedding and token
+    mask (docs/method.md, "Swapped views"); when swaps are the only change of the embeddings, the result's
+    ``apart`` lists this rank's rows that ``swaps`` marks.
     Under data parallelism (``ctx``) B is the global micro-batch: the damage is computed on its gathered rows
     and this rank keeps its own. No decision reads device data back to the host."""
     embeddings, present, masks = dict(views.embeddings), views.present.clone(), dict(views.masks)
     gather, ours = (ctx.gather_rows, ctx.batch_rows(present.shape[0])[1]) if ctx else (lambda x: x, slice(None))
     targeted = strengths.numpy() > 0
     top = strengths.numpy().max(0)  # of a targeted modality: its targets' strength (the others are <= 0)
-    swap_share = swap_share if len(names) >= 3 else 0.0  # a wrong view is outvoted only by two others left
-    if swap_share > 0:
+    removal = kind == "remove" or (kind == "collapse" and (top[targeted.any(0)] >= 1).all())
+    if swaps is not None:
         had = gather(views.present)
         outvoted = (had & ~torch.from_numpy(targeted).to(present.device)).sum(1) >= 2
     for m in np.flatnonzero(targeted.any(0)):
         name, strength = names[m], float(top[m])
         rows = torch.from_numpy(targeted[:, m]).to(present.device)
-        if swap_share > 0 and (kind == "remove" or (kind == "collapse" and strength >= 1)):
+        if swaps is not None and (kind == "remove" or (kind == "collapse" and strength >= 1)):
             z = gather(embeddings[name])
             donor_has = had[:, m].roll(1, 0)  # the previous sample's view is real, not a missing one's filler
-            swapped = rows & outvoted & donor_has & (
-                torch.rand(rows.shape, generator=generator, device=rows.device) < swap_share)
+            swapped = rows & outvoted & donor_has & swaps[:, m].to(present.device)
             embeddings[name] = _on_rows(swapped, z.roll(1, 0), z)[ours]
             if masks.get(name) is not None:
                 real = gather(masks[name])
@@ -184,4 +198,7 @@ def intervene(views, strengths, names, *, kind="collapse", collapse_mode="spectr
         embeddings[name] = damaged[ours]
     # a sample whose targets are every modality it has (natural missingness) keeps them
     emptied = ~present.any(1, keepdim=True)
-    return Views(embeddings, torch.where(emptied, views.present, present), masks)
+    apart = None
+    if swaps is not None and removal and blank_share == 0:  # the swaps are the only rows that differ
+        apart = torch.from_numpy(np.flatnonzero(swaps.numpy()[ours].any(1))).to(present.device)
+    return Views(embeddings, torch.where(emptied, views.present, present), masks, apart)

@@ -136,16 +136,24 @@ def forward_pair(model, clean, perturbed, *, decode=False, patterns=None):
     """Fusion and head on the ``clean`` and on the ``perturbed`` :class:`Views` (encoders run once, before)
     and, given ``patterns`` ((P, B, M) ``present`` masks), on the clean embeddings under each. Where the
     perturbed views keep the clean embeddings (removal alone: the defaults' full-strength draws) all are
-    one :func:`fuse_patterns` pass and one head pass (docs/method_training.md, "Cost of a step")."""
-    shared = (perturbed.embeddings.keys() == clean.embeddings.keys() and perturbed.masks.keys() == clean.masks.keys()
-              and all(perturbed.embeddings[k] is z for k, z in clean.embeddings.items())
-              and all(perturbed.masks[k] is m for k, m in clean.masks.items()))
+    one :func:`fuse_patterns` pass and one head pass (docs/method_training.md, "Cost of a step"); where they
+    keep them but on the rows ``perturbed.apart`` lists (swapped views), those rows are fused again apart."""
+    apart = perturbed.apart
+    shared = apart is not None or (
+        perturbed.embeddings.keys() == clean.embeddings.keys() and perturbed.masks.keys() == clean.masks.keys()
+        and all(perturbed.embeddings[k] is z for k, z in clean.embeddings.items())
+        and all(perturbed.masks[k] is m for k, m in clean.masks.items()))
     presents = [clean.present[None]] + ([perturbed.present[None]] if shared else [])
     presents += [] if patterns is None else [patterns]
     joint = fuse_patterns(model, clean.embeddings, torch.cat(presents), clean.masks)
     logits = model.head(joint.flatten(0, 1)).unflatten(0, joint.shape[:2])
     if shared:
         joint_tilde, logits_tilde, rest = joint[1], logits[1], 2
+        if apart is not None and len(apart):
+            rows = perturbed.apply(lambda t: t[apart])
+            joint_apart = model.fuse(rows.embeddings, rows.present, rows.masks)
+            joint_tilde = joint_tilde.index_copy(0, apart, joint_apart.to(joint_tilde.dtype))
+            logits_tilde = logits_tilde.index_copy(0, apart, model.head(joint_apart).to(logits_tilde.dtype))
     else:
         joint_tilde, rest = model.fuse(perturbed.embeddings, perturbed.present, perturbed.masks), 1
         logits_tilde = model.head(joint_tilde)

@@ -19,7 +19,7 @@ import torch
 from ...models.base import eval_mode
 from ..base import Method, register_method
 from .controller import InfoGainController
-from .interventions import Views, intervene
+from .interventions import Views, draw_swaps, intervene
 from .learnability import head_parameters
 from .masker import CurvatureMasker
 from .objective import SingleViews, forward_pair, normalised_effective_rank, objective_terms, single_view_patterns
@@ -118,9 +118,10 @@ class ModalImmune(Method):
 
     def intervene(self, views, strengths, ctx=None):
         """The perturbed views of this step (:func:`interventions.intervene` with the method's options)."""
+        swaps = draw_swaps(strengths, self.options.swap_share, self.controller.generator)
         return intervene(views, strengths, self.controller.modalities, kind=self.options.intervention,
                          collapse_mode=self.options.collapse, generator=self.generator, ctx=ctx,
-                         blank_share=self.options.blank_share, swap_share=self.options.swap_share)
+                         blank_share=self.options.blank_share, swaps=swaps)
 
     def training_step(self, model, batch, ctx):
         options = self.options
