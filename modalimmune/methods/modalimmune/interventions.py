@@ -156,23 +156,23 @@ def intervene(views, strengths, names, *, kind="collapse", collapse_mode="spectr
     gather, ours = (ctx.gather_rows, ctx.batch_rows(present.shape[0])[1]) if ctx else (lambda x: x, slice(None))
     targeted = strengths.numpy() > 0
     top = strengths.numpy().max(0)  # of a targeted modality: its targets' strength (the others are <= 0)
-    removal = kind == "remove" or (kind == "collapse" and (top[targeted.any(0)] >= 1).all())
+    removes = np.full(len(names), kind == "remove") | ((kind == "collapse") & (top >= 1))  # per modality
     if swaps is not None:
         had = gather(views.present)
         outvoted = (had & ~torch.from_numpy(targeted).to(present.device)).sum(1) >= 2
     for m in np.flatnonzero(targeted.any(0)):
         name, strength = names[m], float(top[m])
         rows = torch.from_numpy(targeted[:, m]).to(present.device)
-        if swaps is not None and (kind == "remove" or (kind == "collapse" and strength >= 1)):
-            z = gather(embeddings[name])
-            donor_has = had[:, m].roll(1, 0)  # the previous sample's view is real, not a missing one's filler
-            swapped = rows & outvoted & donor_has & swaps[:, m].to(present.device)
-            embeddings[name] = _on_rows(swapped, z.roll(1, 0), z)[ours]
-            if masks.get(name) is not None:
-                real = gather(masks[name])
-                masks[name] = _on_rows(swapped, real.roll(1, 0), real)[ours]
-            rows = rows & ~swapped
-        if kind == "remove" or (kind == "collapse" and strength >= 1):
+        if removes[m]:
+            if swaps is not None:
+                z = gather(embeddings[name])
+                donor_has = had[:, m].roll(1, 0)  # the previous sample's view is real, not a missing one's filler
+                swapped = rows & outvoted & donor_has & swaps[:, m].to(present.device)
+                embeddings[name] = _on_rows(swapped, z.roll(1, 0), z)[ours]
+                if masks.get(name) is not None:
+                    real = gather(masks[name])
+                    masks[name] = _on_rows(swapped, real.roll(1, 0), real)[ours]
+                rows = rows & ~swapped
             if blank_share > 0:
                 z = gather(embeddings[name])
                 blanked = rows & (torch.rand(rows.shape, generator=generator, device=rows.device) < blank_share)
@@ -199,6 +199,6 @@ def intervene(views, strengths, names, *, kind="collapse", collapse_mode="spectr
     # a sample whose targets are every modality it has (natural missingness) keeps them
     emptied = ~present.any(1, keepdim=True)
     apart = None
-    if swaps is not None and removal and blank_share == 0:  # the swaps are the only rows that differ
+    if swaps is not None and removes[targeted.any(0)].all() and blank_share == 0:  # only the swaps' rows differ
         apart = torch.from_numpy(np.flatnonzero(swaps.numpy()[ours].any(1))).to(present.device)
     return Views(embeddings, torch.where(emptied, views.present, present), masks, apart)
